@@ -1,0 +1,43 @@
+"""detrkit: end-to-end transformer object detection, the DETR family in plain PyTorch.
+
+Public API: ``detrkit.build`` (a new model from a config), ``detrkit.load`` (saved or published weights) and the
+model's ``predict``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .checkpoint import load
+from .config import LossConfig, ModelConfig
+from .labels import LabelMap
+from .models import Detections, Detector
+
+__version__ = "0.1.0"
+
+
+def build(config: ModelConfig | dict[str, Any] | None = None, *, label_map: LabelMap | None = None, **overrides: Any):
+    """Build a randomly initialised detector.
+
+    ``config`` is a ``ModelConfig`` or a dict of its fields; ``overrides`` replace fields. With ``label_map`` (for
+    instance ``dataset.label_map``) the class count and the category ids and names come from the dataset.
+    """
+    from .models import build_model
+
+    if config is None:
+        config = ModelConfig()
+    elif isinstance(config, dict):
+        config = ModelConfig.from_dict(config)
+    if label_map is not None:
+        overrides = {
+            "num_classes": label_map.num_classes,
+            "category_ids": label_map.category_ids,
+            "class_names": label_map.names,
+            **overrides,
+        }
+    if overrides:
+        config = config.replace(**overrides)
+    return build_model(config)
+
+
+__all__ = ["Detections", "Detector", "LabelMap", "LossConfig", "ModelConfig", "build", "load", "__version__"]

@@ -1,0 +1,152 @@
+"""ResNet backbones with frozen BatchNorm, optional DC5 dilation, and padding-exact masking.
+
+Shapes: B batch, H×W padded input, h_l×w_l the feature map of level l (stride 4, 8, 16, 32 for layer1..4).
+
+Why the masking: a convolution at the border of an image sees zeros beyond it when the image is alone, but sees the
+(non-zero) features of padded pixels when the image was padded to share a batch with a larger one. That makes an
+image's detections depend on its batch. Zeroing padded positions before every spatial convolution and pooling makes
+the padded computation equal to the unpadded one, position for position, at a cost of one multiply per block.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor, nn
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+RESNET_CHANNELS = {
+    "resnet18": (64, 128, 256, 512),
+    "resnet34": (64, 128, 256, 512),
+    "resnet50": (256, 512, 1024, 2048),
+    "resnet101": (256, 512, 1024, 2048),
+}
+
+
+def _stride_mask(valid: Tensor, stride: int) -> Tensor:
+    """Validity of feature cells at ``stride`` from pixel validity ``valid (B,H,W)`` → ``(B,1,ceil(H/s),ceil(W/s))``.
+
+    A cell is valid when its top-left pixel is: for an image in the top-left corner of a padded canvas this is
+    exactly the ``ceil(size/stride)`` cells a stride-``s`` network computes for the image alone, whatever the
+    padded size.
+    """
+    return valid[:, None, ::stride, ::stride]
+
+
+class ResNetBackbone(nn.Module):
+    """A torchvision ResNet body (no pooling head) returning the feature maps of the requested levels.
+
+    Args:
+        name: ``resnet18``, ``resnet34``, ``resnet50`` or ``resnet101``.
+        dilation: replace the stride of the last stage with dilation (DETR-DC5): level 4 at stride 16.
+        trainable_stages: how many of the last stages (layer4, layer3, ...) train; 0 freezes the whole body,
+            5 also trains the stem. The DETR recipe trains layer2-4 (3).
+        return_levels: which of levels 1..4 (layer1..layer4) to return, lowest stride first.
+        weights: a torchvision weights name such as ``"IMAGENET1K_V1"`` (downloaded by torchvision when asked for;
+            ``None`` leaves the random initialisation).
+        mask_padding: zero padded positions before each spatial convolution (see the module docstring).
+    """
+
+    def __init__(
+        self,
+        name: str = "resnet50",
+        *,
+        dilation: bool = False,
+        trainable_stages: int = 3,
+        return_levels: tuple[int, ...] = (4,),
+        weights: str | None = None,
+        mask_padding: bool = True,
+    ) -> None:
+        super().__init__()
+        if name not in RESNET_CHANNELS:
+            raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(RESNET_CHANNELS)}")
+        if not 0 <= trainable_stages <= 5:
+            raise ValueError(f"trainable_stages must be in 0..5, got {trainable_stages}")
+        if not return_levels or any(lvl not in (1, 2, 3, 4) for lvl in return_levels):
+            raise ValueError(f"return_levels must be a non-empty subset of (1, 2, 3, 4), got {return_levels}")
+        if dilation and name in ("resnet18", "resnet34"):
+            raise ValueError(f"dilation (DC5) needs a bottleneck ResNet (resnet50/101), not {name}")
+        body = getattr(torchvision.models, name)(
+            weights=weights,
+            norm_layer=FrozenBatchNorm2d,
+            replace_stride_with_dilation=[False, False, dilation] if name in ("resnet50", "resnet101") else None,
+        )
+        del body.fc, body.avgpool
+        self.body = body
+        self.return_levels = tuple(sorted(return_levels))
+        self.mask_padding = mask_padding
+        self.strides = (4, 8, 16, 16 if dilation else 32)
+        self.num_channels = tuple(RESNET_CHANNELS[name][lvl - 1] for lvl in self.return_levels)
+        self.level_strides = tuple(self.strides[lvl - 1] for lvl in self.return_levels)
+
+        trainable = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_stages]
+        for pname, p in self.body.named_parameters():
+            p.requires_grad_(any(pname.startswith(t) for t in trainable))
+
+    def forward(self, pixel_values: Tensor, padding_mask: Tensor | None = None) -> list[tuple[Tensor, Tensor | None]]:
+        """Args: ``pixel_values (B,3,H,W)``, ``padding_mask (B,H,W)`` True on padding, or None.
+
+        Returns, per requested level: ``(features (B,C_l,h_l,w_l), padding_mask (B,h_l,w_l) or None)``.
+        """
+        masking = self.mask_padding and padding_mask is not None and bool(padding_mask.any())
+        valid = ~padding_mask if padding_mask is not None else None
+        cache: dict[int, Tensor] = {}
+
+        def mask(x: Tensor, stride: int) -> Tensor:
+            if not masking:
+                return x
+            if stride not in cache:
+                cache[stride] = _stride_mask(valid, stride).to(x.dtype)
+            return x * cache[stride]
+
+        b = self.body
+        x = mask(pixel_values, 1)
+        x = b.relu(b.bn1(b.conv1(x)))
+        x = b.maxpool(mask(x, 2))  # post-ReLU features are ≥ 0, so zeroed padding never wins a max
+        stride = 4
+        x = mask(x, stride)
+        outputs: dict[int, Tensor] = {}
+        for level, layer in enumerate((b.layer1, b.layer2, b.layer3, b.layer4), start=1):
+            out_stride = self.strides[level - 1]
+            for block in layer:
+                x = self._block(block, x, mask, stride)
+                stride = out_stride
+            if level in self.return_levels:
+                outputs[level] = x
+        result = []
+        for level, stride in zip(self.return_levels, self.level_strides):
+            feat = outputs[level]
+            if padding_mask is None:
+                level_mask = None
+            elif self.mask_padding:
+                level_mask = padding_mask[:, ::stride, ::stride]
+            else:
+                # The reference implementations' rule: nearest-neighbour resize of the pixel mask. It equals the
+                # strided rule when the padded size is a multiple of the stride.
+                level_mask = F.interpolate(padding_mask[None].float(), size=feat.shape[-2:])[0].bool()
+            result.append((feat, level_mask))
+        return result
+
+    @staticmethod
+    def _block(block: nn.Module, x: Tensor, mask, stride_in: int) -> Tensor:
+        """A torchvision BasicBlock/Bottleneck forward with padded positions zeroed before spatial convolutions.
+
+        ``x`` arrives masked at ``stride_in``; the block's output is masked at its own stride.
+        """
+        identity = x
+        conv_stride = block.conv1.stride[0] if isinstance(block, torchvision.models.resnet.BasicBlock) else 1
+        if isinstance(block, torchvision.models.resnet.Bottleneck):
+            out = block.relu(block.bn1(block.conv1(x)))  # 1x1: no spatial mixing
+            out = mask(out, stride_in)
+            out = block.relu(block.bn2(block.conv2(out)))
+            conv_stride = block.conv2.stride[0]
+            out = block.bn3(block.conv3(out))
+        else:
+            out = block.relu(block.bn1(block.conv1(x)))
+            out = mask(out, stride_in * conv_stride)
+            out = block.bn2(block.conv2(out))
+        if block.downsample is not None:
+            identity = block.downsample(x)
+        out = block.relu(out + identity)
+        return mask(out, stride_in * conv_stride)

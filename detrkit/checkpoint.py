@@ -1,0 +1,113 @@
+"""Saving and loading weights safely: safetensors and ``torch.load(weights_only=True)`` only, atomic writes.
+
+A detrkit model folder holds ``config.json`` (the ``ModelConfig``, label map included) and ``model.safetensors``.
+``load`` also reads published checkpoints through ``convert.py``: a ``transformers`` folder or an official ``.pth``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import ModelConfig
+
+FORMAT = "detrkit"
+FORMAT_VERSION = 1
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, fsync it and rename it over ``path``.
+
+    A crash at any point leaves either the old file or the new one, never a truncated one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        write(tmp_path)
+        with open(tmp_path, "rb+") as f:
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write(path, lambda p: p.write_text(text))
+
+
+def save_pretrained(model: nn.Module, directory: str | Path) -> Path:
+    """Write ``config.json`` and ``model.safetensors`` for a detrkit ``Detector``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    atomic_write(directory / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": model.config.to_dict()}
+    atomic_write_text(directory / "config.json", json.dumps(meta, indent=2) + "\n")
+    return directory
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read tensors from a ``.safetensors`` file or a torch pickle restricted to tensors (``weights_only``)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is reported with the file name
+        raise ValueError(
+            f"cannot load {path} safely: {e}. detrkit only reads tensors (torch.load weights_only=True); "
+            "a checkpoint that needs arbitrary code to load is refused"
+        ) from e
+    return obj
+
+
+def _is_detrkit_folder(path: Path) -> bool:
+    cfg = path / "config.json"
+    return cfg.is_file() and json.loads(cfg.read_text()).get("format") == FORMAT
+
+
+def load(path: str | Path, *, map_location: str | torch.device = "cpu", **overrides: Any) -> nn.Module:
+    """Load a detector from a detrkit folder, a ``transformers`` folder, an official ``.pth`` or a Hub id.
+
+    ``overrides`` replace fields of the loaded ``ModelConfig`` (for instance ``mask_backbone_padding=True``).
+    """
+    from . import convert
+    from .models import build_model
+
+    p = Path(path)
+    if p.is_dir() and _is_detrkit_folder(p):
+        meta = json.loads((p / "config.json").read_text())
+        if meta.get("format_version", 1) > FORMAT_VERSION:
+            raise ValueError(f"{p} was written by a newer detrkit (format {meta['format_version']}); upgrade detrkit")
+        config = ModelConfig.from_dict(meta["model"])
+        state = load_file(str(p / "model.safetensors"))
+    elif p.is_dir() or p.is_file():
+        config, state = convert.load_published(p)
+    elif "/" in str(path) and not p.exists() and not str(path).startswith((".", "/")):
+        config, state = convert.load_published(convert.resolve_hub_id(str(path)))
+    else:
+        raise FileNotFoundError(f"no model at {path}: expected a folder, a .pth/.safetensors file or a Hub id")
+    if overrides:
+        config = config.replace(**overrides)
+    model = build_model(config)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"weights in {path} do not fit the model: missing {sorted(missing)[:10]}{'…' if len(missing) > 10 else ''}"
+            f", unexpected {sorted(unexpected)[:10]}{'…' if len(unexpected) > 10 else ''}"
+        )
+    return model.to(map_location).eval()

@@ -1,0 +1,233 @@
+"""The ``detrkit`` command: train, eval, predict, convert and demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("detrkit")
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+def _setup_logging() -> None:
+    from . import distributed as dist
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname).1s %(message)s", datefmt="%H:%M:%S"))
+    log.addHandler(handler)
+    # Under torchrun only rank 0 speaks (RANK is set before the process group exists).
+    import os
+
+    log.setLevel(logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING)
+    log.propagate = False
+    del dist
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .config import load_run_config
+    from .engine import Trainer
+
+    config = load_run_config(args.config, args.overrides)
+    metrics = Trainer(config, resume=args.resume).fit()
+    if metrics:
+        log.info("final: %s", "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluation import evaluate_results_file, write_metrics
+
+    out = Path(args.out)
+    if args.results:
+        metrics = evaluate_results_file(args.annotations, args.results)
+    else:
+        if not args.weights or not args.images:
+            raise SystemExit("detrkit eval: give --results FILE, or --weights W and --images DIR")
+        import torch
+
+        from .checkpoint import load
+        from .data import CocoDetection
+        from .engine import evaluate
+        from .transforms import eval_transforms
+
+        device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        model = load(args.weights, map_location=device)
+        size = args.size or model.config.image_size
+        max_size = args.max_size or model.config.max_size
+        dataset = CocoDetection(args.images, args.annotations, transforms=eval_transforms(size=size, max_size=max_size))
+        if dataset.label_map.category_ids != model.label_map.category_ids:
+            log.warning(
+                "the model's category ids (%d classes) differ from the annotation file's (%d): "
+                "detections of unknown ids count as false positives",
+                model.config.num_classes,
+                dataset.num_classes,
+            )
+        metrics, predictions = evaluate(model, dataset, batch_size=args.batch_size, device=device, progress=True)
+        results = [
+            {"image_id": i, "category_id": int(c), "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(s)}
+            for i, p in predictions.items()
+            for (x1, y1, x2, y2), c, s in zip(p["boxes"].tolist(), p["labels"].tolist(), p["scores"].tolist())
+        ]
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(results))
+    write_metrics(metrics, out / "metrics.json")
+    print(_metrics_table(metrics))
+    print(f"wrote {out / 'metrics.json'}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import torch
+
+    from .checkpoint import load
+    from .visualize import draw_detections, save_image
+
+    paths: list[Path] = []
+    for item in args.inputs:
+        p = Path(item)
+        if p.is_dir():
+            paths += sorted(x for x in p.iterdir() if x.suffix.lower() in IMAGE_SUFFIXES)
+        elif p.is_file():
+            paths.append(p)
+        else:
+            raise SystemExit(f"detrkit predict: no such image or folder: {p}")
+    if not paths:
+        raise SystemExit("detrkit predict: no images found")
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load(args.weights, map_location=device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    records = []
+    for start in range(0, len(paths), args.batch_size):
+        chunk = paths[start : start + args.batch_size]
+        dets = model.predict(chunk, threshold=args.threshold, size=args.size, max_size=args.max_size)
+        for path, det in zip(chunk, dets):
+            save_image(draw_detections(path, det), out / f"{path.stem}.jpg")
+            records.append({"image": str(path), "detections": det.to_list()})
+            print(f"{path}: {len(det)} detection(s)" + "".join(f"\n  {d['name']} {d['score']:.2f} {d['box']}" for d in det.to_list()[:10]))
+    (out / "detections.json").write_text(json.dumps(records, indent=1))
+    print(f"wrote {out / 'detections.json'} and {len(paths)} image(s) with boxes drawn to {out}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .checkpoint import load
+
+    model = load(args.source)
+    path = model.save_pretrained(args.dest)
+    print(f"wrote {path} ({model.config.arch}, {model.config.num_classes} classes)")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(out_dir=Path(args.out), overrides=args.overrides)
+    return 0
+
+
+def _metrics_table(metrics: dict[str, float]) -> str:
+    keys = list(metrics)
+    return " ".join(f"{k:>6}" for k in keys) + "\n" + " ".join(f"{metrics[k]:6.3f}" for k in keys)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="detrkit", description="End-to-end transformer object detection (DETR family).")
+    from . import __version__
+
+    p.add_argument("--version", action="version", version=f"detrkit {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser(
+        "train",
+        help="train a detector on a COCO-format dataset",
+        description="Train from a YAML config (a file or a preset name such as detr_r50 or demo). "
+        "Any config key can be overridden with dotted key=value pairs, e.g. train.lr=2e-4 "
+        "data.train_images=coco/train2017. Run under `torchrun --nproc_per_node N -m detrkit train ...` for "
+        "several GPUs or processes.",
+    )
+    t.add_argument("config", help="YAML config file or preset name")
+    t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.epochs=50")
+    t.add_argument(
+        "--resume",
+        metavar="PATH|auto",
+        help="resume from a training checkpoint, or 'auto' for the latest in the run directory (if any)",
+    )
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser(
+        "eval",
+        help="COCO bbox metrics of weights on a dataset, or of a results JSON",
+        description="Evaluate --weights on --images/--annotations, or an existing COCO results JSON (--results) "
+        "against --annotations. Prints the 12 COCO numbers and writes OUT/metrics.json (and OUT/results.json "
+        "when it ran a model).",
+    )
+    e.add_argument("--annotations", required=True, help="COCO instances JSON with the ground truth")
+    e.add_argument("--weights", help="detrkit folder, transformers folder, official .pth or Hub id")
+    e.add_argument("--images", help="image folder of the annotation file")
+    e.add_argument("--results", help="a COCO results JSON to evaluate instead of running a model")
+    e.add_argument("--out", default="eval", help="output folder (default: eval)")
+    e.add_argument("--batch-size", type=int, default=2)
+    e.add_argument("--size", type=int, help="shorter image side (default: the model's)")
+    e.add_argument("--max-size", type=int, help="longer image side cap (default: the model's)")
+    e.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    e.set_defaults(func=cmd_eval)
+
+    pr = sub.add_parser(
+        "predict",
+        help="detect objects in images; write JSON and pictures with boxes",
+        description="Run --weights on images or folders of images. Writes OUT/detections.json and each image "
+        "with its boxes drawn to OUT/.",
+    )
+    pr.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
+    pr.add_argument("--weights", required=True, help="detrkit folder, transformers folder, official .pth or Hub id")
+    pr.add_argument("--out", default="predictions", help="output folder (default: predictions)")
+    pr.add_argument("--threshold", type=float, default=0.5, help="minimum score (default: 0.5)")
+    pr.add_argument("--size", type=int, help="shorter image side (default: the model's)")
+    pr.add_argument("--max-size", type=int, help="longer image side cap (default: the model's)")
+    pr.add_argument("--batch-size", type=int, default=4)
+    pr.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    pr.set_defaults(func=cmd_predict)
+
+    c = sub.add_parser(
+        "convert",
+        help="convert published weights to a detrkit folder",
+        description="Read a transformers folder, an official .pth or a Hub id and write a detrkit folder "
+        "(config.json + model.safetensors).",
+    )
+    c.add_argument("source")
+    c.add_argument("dest")
+    c.set_defaults(func=cmd_convert)
+
+    d = sub.add_parser(
+        "demo",
+        help="generate a synthetic dataset, train, evaluate and predict (minutes on a CPU)",
+        description="Generates a small synthetic COCO-format dataset of coloured shapes in OUT/data, trains the "
+        "demo config on it, evaluates on its val split and writes metrics.json, curves.png and val images with "
+        "predicted boxes to OUT/run.",
+    )
+    d.add_argument("--out", default="demo_run", help="output folder (default: demo_run)")
+    d.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides of the demo config")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging()
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        log.error("%s", e)
+        return 2
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,312 @@
+"""Typed configuration: what a model is (``ModelConfig``, saved in ``config.json`` beside the weights) and how it
+is trained (``LossConfig``). Dataclasses validate themselves on creation; nothing mutates a config after that.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .backbone import RESNET_CHANNELS
+
+ARCHITECTURES = ("detr",)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture and hyper-parameters of a detector. Defaults are the DETR paper's (R50, 100 queries)."""
+
+    arch: str = "detr"
+    num_classes: int = 91  # K, real classes; the class head has K+1 outputs (the last is no-object)
+    # Dataset category id and name of each contiguous label; None means labels are their own ids.
+    category_ids: tuple[int, ...] | None = None
+    class_names: tuple[str, ...] | None = None
+    backbone: str = "resnet50"
+    dilation: bool = False  # DC5: stride 16 in the last stage
+    trainable_stages: int = 3  # layer2-4 train, the stem and layer1 stay frozen (paper recipe)
+    backbone_weights: str | None = None  # torchvision weights name, e.g. "IMAGENET1K_V1"; downloaded when set
+    mask_backbone_padding: bool = True  # padding-exact backbone (see backbone.py); off for published weights
+    position_embedding: str = "sine"  # or "learned"
+    hidden_dim: int = 256
+    nheads: int = 8
+    enc_layers: int = 6
+    dec_layers: int = 6
+    dim_feedforward: int = 2048
+    dropout: float = 0.1
+    attention_dropout: float = 0.1  # the official code's nn.MultiheadAttention drops attention weights too
+    activation_dropout: float = 0.1  # dropout inside the FFN, between its two linear layers
+    num_queries: int = 100
+    aux_loss: bool = True
+    # Inference defaults travel with the model so `predict` resizes the way the model was trained.
+    image_size: int = 800
+    max_size: int = 1333
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHITECTURES:
+            raise ValueError(f"unknown arch {self.arch!r}; known: {', '.join(ARCHITECTURES)}")
+        if self.backbone not in RESNET_CHANNELS:
+            raise ValueError(f"unknown backbone {self.backbone!r}; known: {', '.join(RESNET_CHANNELS)}")
+        if self.num_classes < 1:
+            raise ValueError(f"num_classes must be ≥ 1, got {self.num_classes}")
+        if self.hidden_dim % self.nheads:
+            raise ValueError(f"hidden_dim {self.hidden_dim} must be divisible by nheads {self.nheads}")
+        if self.hidden_dim % 4:
+            raise ValueError(f"hidden_dim must be a multiple of 4 for the 2-D sine encoding, got {self.hidden_dim}")
+        for name in ("enc_layers", "num_queries", "image_size", "max_size"):
+            if getattr(self, name) < (0 if name == "enc_layers" else 1):
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.dec_layers < 1:
+            raise ValueError(f"dec_layers must be ≥ 1, got {self.dec_layers}")
+        if self.category_ids is not None:
+            object.__setattr__(self, "category_ids", tuple(int(c) for c in self.category_ids))
+            if len(self.category_ids) != self.num_classes:
+                raise ValueError(
+                    f"category_ids has {len(self.category_ids)} entries but num_classes is {self.num_classes}"
+                )
+        if self.class_names is not None:
+            object.__setattr__(self, "class_names", tuple(str(n) for n in self.class_names))
+            if len(self.class_names) != self.num_classes:
+                raise ValueError(f"class_names has {len(self.class_names)} entries but num_classes is {self.num_classes}")
+
+    @property
+    def focal(self) -> bool:
+        """Sigmoid/focal classification (no no-object class) for the deformable/conditional variants."""
+        return False
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for k in ("category_ids", "class_names"):
+            if d[k] is not None:
+                d[k] = list(d[k])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown model config keys: {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Matching costs and loss weights (DETR section 3.1 and appendix A.2)."""
+
+    cost_class: float = 1.0
+    cost_bbox: float = 5.0
+    cost_giou: float = 2.0
+    weight_ce: float = 1.0
+    weight_bbox: float = 5.0
+    weight_giou: float = 2.0
+    eos_coef: float = 0.1  # weight of the no-object class in the cross-entropy
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the COCO-format data is and how it is augmented (the DETR recipe by default)."""
+
+    train_images: str = ""
+    train_annotations: str = ""
+    val_images: str = ""
+    val_annotations: str = ""
+    train_scales: tuple[int, ...] = (480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800)
+    train_max_size: int = 1333
+    crop_resize: tuple[int, ...] = (400, 500, 600)  # shorter side before the random crop
+    crop_size: tuple[int, int] = (384, 600)  # min and max side of the random crop
+    random_crop: bool = True  # the second branch of the DETR augmentation (resize, crop, resize)
+    eval_size: int = 800
+    eval_max_size: int = 1333
+    num_workers: int = 2
+
+    def __post_init__(self) -> None:
+        if not self.train_scales:
+            raise ValueError("data.train_scales must list at least one size")
+        if len(self.crop_size) != 2 or self.crop_size[0] > self.crop_size[1]:
+            raise ValueError(f"data.crop_size must be (min, max) with min ≤ max, got {self.crop_size}")
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers must be ≥ 0, got {self.num_workers}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The optimisation recipe and the run's bookkeeping. Defaults are the DETR paper's (500-epoch schedule)."""
+
+    output_dir: str = "runs/detr"
+    epochs: int = 500
+    batch_size: int = 2  # per process
+    lr: float = 1e-4
+    lr_backbone: float = 1e-5
+    weight_decay: float = 1e-4
+    clip_max_norm: float = 0.1  # 0 disables gradient clipping
+    schedule: str = "step"  # "step" (drops at lr_drop_epochs) or "cosine" (with linear warm-up)
+    lr_drop_epochs: tuple[int, ...] = (400,)
+    lr_drop_factor: float = 0.1
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0  # cosine floor, as a fraction of the peak learning rate
+    grad_accum_steps: int = 1
+    amp: str = "none"  # "none", "bf16" (CPU and GPU) or "fp16" (GPU, with loss scaling)
+    ema: bool = False
+    ema_decay: float = 0.9997
+    seed: int = 42
+    deterministic: bool = False
+    eval_every: int = 1  # epochs; 0 evaluates only at the end
+    checkpoint_every_steps: int = 0  # 0: only at the end of each epoch
+    keep_last: int = 3
+    max_nonfinite_steps: int = 20  # consecutive non-finite losses before training stops
+    log_every: int = 20  # steps between log lines when the output is not a terminal
+    tensorboard: bool = False
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
+    init_weights: str | None = None  # fine-tune from these weights (detrkit folder, transformers folder, .pth, Hub id)
+    max_steps_per_epoch: int = 0  # 0: the whole dataset; >0 caps each epoch (smoke tests, quick looks)
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("step", "cosine"):
+            raise ValueError(f"train.schedule must be 'step' or 'cosine', got {self.schedule!r}")
+        if self.amp not in ("none", "bf16", "fp16"):
+            raise ValueError(f"train.amp must be 'none', 'bf16' or 'fp16', got {self.amp!r}")
+        for name in ("epochs", "batch_size", "grad_accum_steps", "keep_last", "max_nonfinite_steps", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be ≥ 1, got {getattr(self, name)}")
+        if not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"train.ema_decay must be in (0, 1), got {self.ema_decay}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a training run needs; saved as ``config.yaml`` in the run directory and in checkpoints."""
+
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    loss: LossConfig = LossConfig()
+    train: TrainConfig = TrainConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        return _from_dict(cls, d, "")
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def with_overrides(self, overrides: list[str]) -> RunConfig:
+        """Apply dotted ``key=value`` overrides (values parsed as YAML: ``train.lr=2e-4``, ``data.train_scales=[96,128]``)."""
+        import yaml
+
+        d = self.to_dict()
+        for item in overrides:
+            if "=" not in item:
+                raise ValueError(f"override {item!r} is not of the form key=value (e.g. train.lr=2e-4)")
+            key, raw = item.split("=", 1)
+            parts = key.strip().split(".")
+            node = d
+            for part in parts[:-1]:
+                if not isinstance(node, dict) or part not in node:
+                    raise ValueError(f"unknown config key {key!r}")
+                node = node[part]
+            if not isinstance(node, dict) or parts[-1] not in node:
+                raise ValueError(f"unknown config key {key!r}")
+            node[parts[-1]] = yaml.safe_load(raw)
+        return RunConfig.from_dict(d)
+
+
+def load_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run config (missing keys take their defaults) and apply dotted overrides.
+
+    A path that is not a file is looked up among the packaged presets (``detr_r50``, ``demo``, ...).
+    """
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        preset = PRESETS_DIR / f"{p.name.removesuffix('.yaml')}.yaml"
+        if not preset.is_file():
+            names = ", ".join(sorted(x.stem for x in PRESETS_DIR.glob("*.yaml")))
+            raise FileNotFoundError(f"no config file {path} and no preset of that name (presets: {names})")
+        p = preset
+    raw = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{p}: a run config must be a mapping with sections model, data, loss, train")
+    try:
+        config = RunConfig.from_dict(raw)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{p}: {e}") from e
+    return config.with_overrides(overrides or [])
+
+
+PRESETS_DIR = Path(__file__).parent / "configs"
+
+
+def _to_plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _to_plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_to_plain(v) for v in x]
+    return x
+
+
+def _from_dict(cls: type, d: Any, where: str) -> Any:
+    """Build dataclass ``cls`` from a mapping, checking keys and converting values to the declared types."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{where or 'config'} must be a mapping, got {type(d).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"unknown key(s) {', '.join(where + k for k in unknown)} (known: {', '.join(sorted(known))})")
+    kwargs = {}
+    for name, value in d.items():
+        kwargs[name] = _coerce(hints[name], value, f"{where}{name}")
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _from_dict(tp, value, where + ".")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        return _coerce(non_none[0], value, where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        item_type = args[0] if args else Any
+        return tuple(_coerce(item_type, v, where) for v in value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{where} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise ValueError(f"{where} must be an integer, got {value!r}")
+        return int(value)
+    if tp is float:
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML 1.1 reads "1e-4" as a string
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ValueError(f"{where} must be a string, got {value!r}")
+        return str(value)
+    return value

@@ -1,0 +1,272 @@
+"""The DETR set loss: match queries to targets, then classify every query and regress the matched boxes.
+
+Carion et al. 2020, "End-to-End Object Detection with Transformers", Sec. 3.1 (Eq. 2) and the official
+``SetCriterion`` (facebookresearch/detr, models/detr.py): cross-entropy over K+1 classes with the no-object class
+down-weighted by ``eos_coef``, plus L1 and GIoU losses on the matched boxes, all normalised by the number of target
+boxes, repeated for every decoder layer (auxiliary losses, Sec. 3.2). ``focal=True`` replaces the cross-entropy by the
+sigmoid focal loss of Deformable DETR (Zhu et al. 2021; official ``SetCriterion`` in fundamentalvision/Deformable-DETR
+models/deformable_detr.py), used by Deformable and Conditional DETR.
+
+Tensors: B batch, Q queries, K classes, C class logits (K+1 softmax with no-object last, or K focal), N_b targets of
+image b, M = Σ min(Q, N_b) matched pairs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from detrkit.box_ops import box_cxcywh_to_xyxy, elementwise_generalized_box_iou
+from detrkit.matcher import HungarianMatcher
+
+__all__ = ["SetCriterion", "matched_query_index", "sigmoid_focal_loss"]
+
+Indices = list[tuple[Tensor, Tensor]]
+
+
+class SetCriterion(nn.Module):
+    """Hungarian-matched set loss for the DETR family.
+
+    Args:
+        num_classes: K, the number of real classes (without no-object).
+        matcher: assigns queries to targets, e.g. ``HungarianMatcher``; called on each layer's outputs.
+        eos_coef: weight of the no-object class in the softmax cross-entropy (DETR 0.1). Unused with ``focal``.
+        weight_ce: weight of the classification loss in ``loss`` (DETR 1; focal models 2).
+        weight_bbox: weight of the L1 box loss (5).
+        weight_giou: weight of the GIoU loss (2).
+        focal: sigmoid focal classification over K logits instead of softmax cross-entropy over K+1.
+        focal_alpha: focal loss alpha (only with ``focal``).
+        focal_gamma: focal loss gamma (only with ``focal``).
+    """
+
+    def __init__(
+        self,
+        *,
+        num_classes: int,
+        matcher: nn.Module,
+        eos_coef: float = 0.1,
+        weight_ce: float = 1.0,
+        weight_bbox: float = 5.0,
+        weight_giou: float = 2.0,
+        focal: bool = False,
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
+    ) -> None:
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"SetCriterion needs num_classes >= 1, got {num_classes}")
+        if isinstance(matcher, HungarianMatcher) and matcher.focal != focal:
+            raise ValueError(
+                f"SetCriterion(focal={focal}) got a HungarianMatcher(focal={matcher.focal}): the class cost of the "
+                "matching and the classification loss must both be softmax or both be focal"
+            )
+        self.num_classes = num_classes
+        self.matcher = matcher
+        self.eos_coef = float(eos_coef)
+        self.weights = {"loss_ce": float(weight_ce), "loss_bbox": float(weight_bbox), "loss_giou": float(weight_giou)}
+        self.focal = focal
+        self.focal_alpha = float(focal_alpha)
+        self.focal_gamma = float(focal_gamma)
+        # Cross-entropy class weights: 1 for the K classes, eos_coef for no-object (DETR's "empty_weight").
+        empty_weight = torch.ones(num_classes + 1)
+        empty_weight[-1] = eos_coef
+        self.register_buffer("empty_weight", empty_weight)
+
+    def extra_repr(self) -> str:
+        weights = ", ".join(f"weight_{k[5:]}={v}" for k, v in self.weights.items())
+        mode = f"focal=True, focal_alpha={self.focal_alpha}, focal_gamma={self.focal_gamma}"
+        return f"num_classes={self.num_classes}, {weights}, " + (mode if self.focal else f"eos_coef={self.eos_coef}")
+
+    def match(self, outputs: dict, targets: list[dict[str, Tensor]]) -> Indices:
+        """The matching of the last layer, as ``forward`` computes it (pass it back as ``indices`` to reuse it).
+
+        Returns:
+            B pairs ``(pred_idx, tgt_idx)`` of int64 CPU tensors, see ``HungarianMatcher.forward``.
+        """
+        return self.matcher(_layer(outputs), targets)
+
+    def forward(
+        self, outputs: dict, targets: list[dict[str, Tensor]], *, indices: Indices | None = None
+    ) -> dict[str, Tensor]:
+        """Compute the set loss of every decoder layer.
+
+        Args:
+            outputs: ``pred_logits`` (B, Q, C), ``pred_boxes`` (B, Q, 4) normalised cxcywh; optional
+                ``aux_outputs`` (a list of dicts with the same two keys, one per earlier decoder layer) and
+                ``enc_outputs`` (two-stage proposals, matched class-agnostically: every target labelled 0).
+            targets: B dicts with ``labels`` (N_b,) int64 and ``boxes`` (N_b, 4) normalised cxcywh.
+            indices: the last layer's matching if the caller already has it (from ``match``); computed otherwise.
+
+        Returns:
+            ``loss``: the weighted sum over all layers, to call ``backward`` on. ``loss_ce``, ``loss_bbox``,
+            ``loss_giou``: the last layer's unweighted terms; ``aux/{i}/loss_ce`` (etc.) for ``aux_outputs[i]`` and
+            ``enc/loss_ce`` (etc.) for ``enc_outputs``. Logged metrics of the last layer, without gradient:
+            ``cardinality_error`` and ``class_error``. All are scalar tensors.
+        """
+        last = _layer(outputs)
+        expected = self.num_classes if self.focal else self.num_classes + 1
+        if last["pred_logits"].shape[-1] != expected:
+            mode = "focal: K" if self.focal else "softmax: K+1 with no-object last"
+            raise ValueError(
+                f"SetCriterion(num_classes={self.num_classes}, focal={self.focal}) expects pred_logits with "
+                f"{expected} classes ({mode}), got shape {tuple(last['pred_logits'].shape)}"
+            )
+        aux = list(outputs.get("aux_outputs") or [])
+        num_boxes = self._num_boxes(targets, last["pred_logits"].device)
+
+        # Each layer is matched on its own predictions (DETR Sec. 3.2), but all decoder layers in one matcher call
+        # when they share a shape: the batch of L·B images costs one device->host transfer instead of L.
+        if indices is None:
+            layer_indices = self._match_layers([last, *aux], targets)
+        else:
+            layer_indices = [indices, *self._match_layers(aux, targets)]
+
+        terms = self._layer_losses(last, targets, layer_indices[0], num_boxes)
+        losses = dict(terms)
+        total = self._weighted(terms)
+        for i, (layer, layer_idx) in enumerate(zip(aux, layer_indices[1:], strict=True)):
+            terms = self._layer_losses(_layer(layer), targets, layer_idx, num_boxes)
+            losses.update({f"aux/{i}/{k}": v for k, v in terms.items()})
+            total = total + self._weighted(terms)
+        if "enc_outputs" in outputs:
+            # Two-stage Deformable DETR: the encoder's proposals are trained class-agnostically, every target
+            # counting as class 0 (official code: bin_targets with labels zeroed).
+            enc = _layer(outputs["enc_outputs"])
+            agnostic = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
+            terms = self._layer_losses(enc, agnostic, self.matcher(enc, agnostic), num_boxes)
+            losses.update({f"enc/{k}": v for k, v in terms.items()})
+            total = total + self._weighted(terms)
+
+        losses["loss"] = total
+        losses.update(self._metrics(last, targets, layer_indices[0]))
+        return losses
+
+    def _match_layers(self, layers: list[dict[str, Tensor]], targets: list[dict[str, Tensor]]) -> list[Indices]:
+        """The matching of each layer; layers of one shape are stacked into one batch for the matcher."""
+        shapes = {(layer["pred_logits"].shape, layer["pred_boxes"].shape) for layer in layers}
+        if len(layers) < 2 or len(shapes) > 1:
+            return [self.matcher(layer, targets) for layer in layers]
+        batch = len(targets)
+        stacked = {k: torch.cat([layer[k].detach() for layer in layers]) for k in ("pred_logits", "pred_boxes")}
+        flat = self.matcher(stacked, targets * len(layers))
+        return [flat[i : i + batch] for i in range(0, len(flat), batch)]
+
+    def _weighted(self, terms: dict[str, Tensor]) -> Tensor:
+        return sum(self.weights[k] * v for k, v in terms.items())  # type: ignore[return-value]
+
+    def _layer_losses(
+        self, layer: dict[str, Tensor], targets: list[dict[str, Tensor]], indices: Indices, num_boxes: float
+    ) -> dict[str, Tensor]:
+        """Unweighted ``loss_ce``, ``loss_bbox``, ``loss_giou`` of one layer."""
+        logits, boxes = layer["pred_logits"], layer["pred_boxes"]
+        batch_idx, query_idx = matched_query_index(indices, device=logits.device)
+        matched_labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices, strict=True)])
+        matched_labels = matched_labels.to(logits.device)  # (M,)
+
+        # Every query gets a class target: its matched target's label, or no-object.
+        num_logits = logits.shape[-1]
+        no_object = num_logits if self.focal else num_logits - 1
+        target_classes = torch.full(logits.shape[:2], no_object, dtype=torch.int64, device=logits.device)  # (B, Q)
+        target_classes[batch_idx, query_idx] = matched_labels
+        if self.focal:
+            # One-hot over K; unmatched queries are all-zero rows (the official code scatters into K+1 columns and
+            # drops the last one).
+            onehot = F.one_hot(target_classes, num_logits + 1)[..., :-1].to(logits.dtype)  # (B, Q, K)
+            loss_ce = sigmoid_focal_loss(
+                logits, onehot, num_boxes, alpha=self.focal_alpha, gamma=self.focal_gamma
+            )
+        else:
+            loss_ce = F.cross_entropy(logits.transpose(1, 2), target_classes, self.empty_weight.to(logits.dtype))
+
+        src_boxes = boxes[batch_idx, query_idx]  # (M, 4)
+        tgt_boxes = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices, strict=True)])
+        tgt_boxes = tgt_boxes.to(src_boxes)  # (M, 4)
+        loss_bbox = F.l1_loss(src_boxes, tgt_boxes, reduction="sum") / num_boxes
+        giou = elementwise_generalized_box_iou(box_cxcywh_to_xyxy(src_boxes), box_cxcywh_to_xyxy(tgt_boxes))
+        loss_giou = (1 - giou).sum() / num_boxes
+        return {"loss_ce": loss_ce, "loss_bbox": loss_bbox, "loss_giou": loss_giou}
+
+    @torch.no_grad()
+    def _metrics(self, layer: dict[str, Tensor], targets: list[dict[str, Tensor]], indices: Indices) -> dict:
+        logits = layer["pred_logits"]
+        batch_idx, query_idx = matched_query_index(indices, device=logits.device)
+        matched_labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices, strict=True)])
+        if len(matched_labels):
+            correct = logits[batch_idx, query_idx].argmax(-1) == matched_labels.to(logits.device)
+            class_error = 100 - 100 * correct.float().mean()
+        else:
+            # Nothing matched, nothing misclassified (the official code reports 100 here).
+            class_error = logits.new_zeros(())
+        # Predicted objects per image: queries whose best class is not no-object; with sigmoid scores, queries
+        # with some class above 0.5 (the official Deformable DETR reuses the softmax rule, which there counts the
+        # queries whose best class is not the last real class).
+        if self.focal:
+            num_pred = (logits.max(-1).values > 0).sum(1)  # (B,)  sigmoid(x) > 0.5
+        else:
+            num_pred = (logits.argmax(-1) != logits.shape[-1] - 1).sum(1)  # (B,)
+        num_tgt = torch.tensor([len(t["labels"]) for t in targets], device=logits.device)
+        cardinality_error = (num_pred - num_tgt).abs().float().mean()
+        return {"cardinality_error": cardinality_error, "class_error": class_error}
+
+    @staticmethod
+    def _num_boxes(targets: list[dict[str, Tensor]], device: torch.device) -> float:
+        """Target boxes per process, averaged over processes: the loss normaliser (official DETR)."""
+        num_boxes = float(sum(len(t["labels"]) for t in targets))
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            total = torch.tensor([num_boxes], dtype=torch.float64, device=device)
+            torch.distributed.all_reduce(total)
+            num_boxes = total.item() / torch.distributed.get_world_size()
+        # At least 1, so a batch without any target does not divide by zero.
+        return max(num_boxes, 1.0)
+
+
+def _layer(outputs: dict) -> dict[str, Tensor]:
+    """The two tensors a layer's loss needs (leaves ``aux_outputs`` etc. behind)."""
+    return {"pred_logits": outputs["pred_logits"], "pred_boxes": outputs["pred_boxes"]}
+
+
+def matched_query_index(indices: Indices, *, device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
+    """Flatten per-image matches into ``(batch_idx, query_idx)`` for indexing (B, Q, ...) predictions.
+
+    ``outputs["pred_boxes"][matched_query_index(indices)]`` gives the M matched boxes, in the order of
+    ``torch.cat([t["boxes"][tgt_idx] for t, (_, tgt_idx) in zip(targets, indices)])``.
+
+    Args:
+        indices: B pairs ``(pred_idx, tgt_idx)`` from the matcher.
+        device: where to put the result.
+
+    Returns:
+        ``batch_idx`` (M,), ``query_idx`` (M,) int64.
+    """
+    query_idx = torch.cat([pred for pred, _ in indices])
+    batch_idx = torch.repeat_interleave(torch.tensor([len(pred) for pred, _ in indices]))
+    return batch_idx.to(device), query_idx.to(device)
+
+
+def sigmoid_focal_loss(
+    logits: Tensor, targets: Tensor, num_boxes: float, *, alpha: float = 0.25, gamma: float = 2.0
+) -> Tensor:
+    """Sigmoid focal loss (Lin et al. 2017, "Focal Loss for Dense Object Detection", Eq. 5), summed and divided
+    by ``num_boxes``.
+
+    Official Deformable DETR computes ``loss.mean(1).sum() / num_boxes`` and multiplies by Q: the same as summing
+    over all queries and classes.
+
+    Args:
+        logits: (B, Q, K).
+        targets: (B, Q, K) one-hot (0/1) float.
+        num_boxes: the normaliser.
+        alpha: weight of the positives (1 - alpha for the negatives); < 0 disables it.
+        gamma: focusing exponent.
+
+    Returns:
+        scalar.
+    """
+    prob = logits.sigmoid()
+    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    p_t = prob * targets + (1 - prob) * (1 - targets)
+    loss = ce * (1 - p_t) ** gamma
+    if alpha >= 0:
+        loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
+    return loss.sum() / num_boxes

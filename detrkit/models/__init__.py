@@ -1,0 +1,16 @@
+"""Detector architectures. Each is one file; they share backbone, heads, matcher, criterion and engine."""
+
+from __future__ import annotations
+
+from ..config import ModelConfig
+from .base import Detections, Detector
+from .detr import DETR
+
+MODEL_CLASSES: dict[str, type[Detector]] = {"detr": DETR}
+
+
+def build_model(config: ModelConfig) -> Detector:
+    return MODEL_CLASSES[config.arch](config)
+
+
+__all__ = ["DETR", "Detections", "Detector", "MODEL_CLASSES", "build_model"]

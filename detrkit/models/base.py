@@ -1,0 +1,141 @@
+"""What every detector shares: its config and label map, output packing, `predict` and `save_pretrained`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..config import ModelConfig
+from ..labels import LabelMap
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class Detections:
+    """One image's detections: ``boxes (n,4)`` absolute (x1, y1, x2, y2) pixels of the original image,
+    ``scores (n,)``, ``labels (n,)`` dataset category ids and their ``names``; sorted by score, highest first."""
+
+    boxes: Tensor
+    scores: Tensor
+    labels: Tensor
+    names: list[str]
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    def to_list(self) -> list[dict[str, Any]]:
+        """JSON-ready: one dict per box with ``box`` [x1, y1, x2, y2], ``score``, ``label`` and ``name``."""
+        return [
+            {"box": [round(float(v), 2) for v in box], "score": round(float(s), 4), "label": int(lbl), "name": n}
+            for box, s, lbl, n in zip(self.boxes.tolist(), self.scores.tolist(), self.labels.tolist(), self.names)
+        ]
+
+
+class Detector(nn.Module):
+    """Base class of detrkit models. Subclasses build their modules from ``config`` and implement ``forward``."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        if config.category_ids is not None:
+            names = config.class_names or tuple(str(c) for c in config.category_ids)
+            self.label_map = LabelMap(config.category_ids, names)
+        else:
+            self.label_map = LabelMap.default(config.num_classes)
+
+    # -- helpers for subclasses -------------------------------------------------------------------------------
+    @staticmethod
+    def _check_inputs(pixel_values: Tensor, padding_mask: Tensor | None) -> None:
+        if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
+            raise ValueError(f"pixel_values must be (B, 3, H, W), got {tuple(pixel_values.shape)}")
+        if padding_mask is not None:
+            if padding_mask.shape != (pixel_values.shape[0], *pixel_values.shape[2:]):
+                raise ValueError(
+                    f"padding_mask must be (B, H, W) = {(pixel_values.shape[0], *pixel_values.shape[2:])}, "
+                    f"got {tuple(padding_mask.shape)}"
+                )
+            if padding_mask.dtype != torch.bool:
+                raise ValueError(f"padding_mask must be a bool tensor (True on padding), got {padding_mask.dtype}")
+
+    def _pack_outputs(self, logits: Tensor, boxes: Tensor) -> dict[str, Any]:
+        """Per-layer ``logits (L,B,Q,C)`` and ``boxes (L,B,Q,4)`` → the output dict (last layer + aux list)."""
+        out: dict[str, Any] = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
+        if self.config.aux_loss:
+            out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
+        return out
+
+    # -- inference --------------------------------------------------------------------------------------------
+    def postprocess(
+        self, outputs: dict[str, Any], orig_sizes: Tensor, *, threshold: float = 0.0, top_k: int = 100
+    ) -> list[dict[str, Tensor]]:
+        """Model outputs → per-image ``scores``, ``labels`` (category ids) and absolute xyxy ``boxes``."""
+        from ..postprocess import postprocess
+
+        return postprocess(
+            outputs,
+            orig_sizes,
+            label_map=self.label_map,
+            threshold=threshold,
+            top_k=top_k,
+            focal=self.config.focal,
+        )
+
+    @torch.inference_mode()
+    def predict(
+        self,
+        images: Any,
+        threshold: float = 0.5,
+        *,
+        top_k: int = 100,
+        size: int | None = None,
+        max_size: int | None = None,
+        batch_size: int = 4,
+    ) -> list[Detections]:
+        """Detect objects in PIL images, file paths, ``(3,H,W)`` tensors (uint8, or float in [0, 1]) or HWC uint8
+        arrays; a single image or a list. Images are resized so their shorter side is ``size`` (longer side at most
+        ``max_size``; both default to the model's training values), normalised and batched with padding.
+
+        Returns one :class:`Detections` per image, boxes in the original image's pixels.
+        """
+        from ..images import collate_images, load_image_tensor
+
+        single = not isinstance(images, (list, tuple))
+        items: Sequence[Any] = [images] if single else images
+        was_training = self.training
+        self.eval()
+        device = next(self.parameters()).device
+        size = size or self.config.image_size
+        max_size = max_size or self.config.max_size
+        results: list[Detections] = []
+        try:
+            for start in range(0, len(items), batch_size):
+                tensors = [load_image_tensor(x) for x in items[start : start + batch_size]]
+                pixel_values, padding_mask, orig_sizes = collate_images(
+                    tensors, size=size, max_size=max_size, mean=IMAGENET_MEAN, std=IMAGENET_STD
+                )
+                outputs = self(pixel_values.to(device), padding_mask.to(device))
+                for det in self.postprocess(outputs, orig_sizes.to(device), threshold=threshold, top_k=top_k):
+                    names = [self.label_map.names[self.label_map.to_label(int(c))] for c in det["labels"].tolist()]
+                    results.append(
+                        Detections(det["boxes"].cpu(), det["scores"].cpu(), det["labels"].cpu(), names)
+                    )
+        finally:
+            self.train(was_training)
+        return results[0] if single else results
+
+    # -- persistence ------------------------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` to ``directory`` (atomically); ``detrkit.load`` reads it."""
+        from ..checkpoint import save_pretrained
+
+        return save_pretrained(self, directory)
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

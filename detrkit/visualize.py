@@ -1,0 +1,88 @@
+"""Pictures for people: detections drawn on images, and the training curves."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torchvision.utils import draw_bounding_boxes
+
+from .images import load_image_tensor
+from .models.base import Detections
+
+# A fixed palette so a class keeps its colour from image to image.
+_PALETTE = [
+    "#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45",
+    "#469990", "#9a6324", "#800000", "#808000", "#000075", "#fabed4", "#ffd8b1", "#dcbeff",
+]  # fmt: skip
+
+
+def draw_detections(image, detections: Detections, *, width: int = 2) -> torch.Tensor:
+    """Draw ``detections`` on ``image`` (anything ``predict`` accepts); returns a ``(3,H,W)`` uint8 tensor."""
+    img = (load_image_tensor(image) * 255).round().to(torch.uint8)
+    if len(detections) == 0:
+        return img
+    labels = [f"{n} {s:.2f}" for n, s in zip(detections.names, detections.scores.tolist())]
+    colors = [_PALETTE[int(c) % len(_PALETTE)] for c in detections.labels.tolist()]
+    font_size = max(10, min(img.shape[1:]) // 40)
+    return draw_bounding_boxes(
+        img, detections.boxes.float(), labels=labels, colors=colors, width=width, font_size=font_size
+    )
+
+
+def save_image(image: torch.Tensor, path: str | Path) -> Path:
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image.permute(1, 2, 0).cpu().numpy()).save(path)
+    return path
+
+
+def plot_curves(log_path: str | Path, out_path: str | Path) -> Path | None:
+    """Loss terms per step and AP/AP50 per epoch from a run's ``log.jsonl``, as a PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    log_path = Path(log_path)
+    if not log_path.is_file():
+        return None
+    steps, epochs = [], []
+    for line in log_path.read_text().splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            (steps if rec.get("type") == "step" else epochs).append(rec)
+    if not steps:
+        return None
+    fig = Figure(figsize=(11, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax1, ax2 = fig.subplots(1, 2)
+    x = [r["step"] for r in steps]
+    for key in ("loss", "loss_ce", "loss_bbox", "loss_giou"):
+        if key in steps[0]:
+            ax1.plot(x, _smooth([r[key] for r in steps]), label=key)
+    ax1.set_xlabel("step")
+    ax1.set_yscale("log")
+    ax1.set_title("training losses (smoothed)")
+    ax1.legend()
+    evals = [r for r in epochs if "AP" in r]
+    if evals:
+        for key in ("AP", "AP50", "AP75"):
+            ax2.plot([r["epoch"] for r in evals], [r[key] for r in evals], marker="o", label=key)
+        ax2.set_ylim(0, 1)
+        ax2.legend()
+    ax2.set_xlabel("epoch")
+    ax2.set_title("validation")
+    fig.tight_layout()
+    out_path = Path(out_path)
+    fig.savefig(out_path)
+    return out_path
+
+
+def _smooth(values: list[float], alpha: float = 0.1) -> list[float]:
+    out, avg = [], None
+    for v in values:
+        avg = v if avg is None else (1 - alpha) * avg + alpha * v
+        out.append(avg)
+    return out
