@@ -1,17 +1,18 @@
 """COCO bbox evaluation: detrkit's evaluator against pycocotools, on a synthetic COCO-sized validation run.
 
-The data imitate COCO val2017 seen through DETR: 5000 images with 7 objects each on average (34-35k boxes, every
-size range, about 1% crowd regions, 80 categories with COCO's non-contiguous ids) and the 100 top-scoring
-detections per image (500,000), of which the first ones are jittered copies of the objects and the rest random
-boxes. Everything is drawn from a fixed seed.
+The data imitate COCO val2017 seen through DETR: 5000 images with 7 objects each on average (about 35k boxes
+of every size range, 1% crowd regions, 80 categories with COCO's non-contiguous ids) and 100 detections per
+image (500,000): jittered copies of the objects first, then low-scored background boxes. All drawn from a
+fixed seed.
 
-Both sides start from the annotation file and the post-processed predictions (absolute xyxy float32 tensors) and
-end with the 12 numbers: detrkit runs ``CocoEvaluator(ann_file)``, ``update``, ``summarize``; pycocotools runs what
-the official DETR does (``convert_to_xywh`` + ``tolist`` per image, ``COCO(ann_file)``, ``loadRes``, ``COCOeval``
-restricted to the evaluated images). Runs alternate between the two so that drifts in machine load hit both.
+Both sides start from the annotation file and the post-processed predictions (absolute xyxy float32 tensors)
+and end with the 12 numbers: detrkit runs ``CocoEvaluator(ann_file)``, ``update``, ``summarize``; pycocotools
+runs what the official DETR does (``convert_to_xywh`` and ``tolist`` per image, ``COCO(ann_file)``,
+``loadRes``, ``COCOeval`` restricted to the evaluated images). Runs alternate between the two so that changes
+in the machine's load hit both. Reported: median wall time (and, on stderr, each run's wall and CPU time).
 
-    python benchmarks/bench_coco_eval.py                 # 5000 images, 3 runs each (about 3 minutes on 2 cores)
-    python benchmarks/bench_coco_eval.py --images 1000   # scaled down: 7 boxes and 100 detections per image
+    python benchmarks/bench_coco_eval.py                # 5000 images, 3 runs each: ~3-7 min on 2 shared cores
+    python benchmarks/bench_coco_eval.py --images 1000  # scaled down (7 boxes, 100 detections per image)
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ def make_predictions(gt: dict, rng: np.random.Generator) -> dict[int, dict[str, 
     predictions = {}
     for img in gt["images"]:
         anns = by_image[img["id"]]
+        shown = np.array([a["category_id"] for a in anns], dtype=np.int64)
         # Up to 3 jittered copies of each object: a correct class most of the time, scores above the noise's.
         copies = rng.integers(1, 4, len(anns))
         src = np.repeat(np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4), copies, axis=0)
@@ -83,23 +85,24 @@ def make_predictions(gt: dict, rng: np.random.Generator) -> dict[int, dict[str, 
         k = len(src)
         x1y1 = src[:, :2] + rng.normal(0, 0.1, (k, 2)) * src[:, 2:]
         wh = np.maximum(src[:, 2:] * (1 + rng.normal(0, 0.1, (k, 2))), 1.0)
-        true_cats = np.repeat([a["category_id"] for a in anns], copies)[:k]
-        cats = np.where(rng.random(k) < 0.85, true_cats, rng.choice(COCO_CATEGORY_IDS, k))
-        scores = 0.3 + 0.7 * rng.random(k)
-        # The rest: background boxes with low scores.
+        cats = np.where(rng.random(k) < 0.85, np.repeat(shown, copies)[:k], rng.choice(COCO_CATEGORY_IDS, k))
+        # The rest: background boxes with low scores. DETR labels each query with its most likely class, and
+        # on background those are mostly classes the image shows: half of these labels come from its objects.
         m = DETECTIONS_PER_IMAGE - k
         noise_wh = np.exp(rng.uniform(np.log(4), np.log(300), (m, 2)))
         noise_xy = rng.uniform(0, 1, (m, 2)) * np.maximum([img["width"], img["height"]] - noise_wh, 0)
-        boxes = np.concatenate(
-            [np.concatenate([x1y1, x1y1 + wh], 1), np.concatenate([noise_xy, noise_xy + noise_wh], 1)]
-        )
+        noise_cats = rng.choice(COCO_CATEGORY_IDS, m)
+        if len(shown):
+            from_image = rng.random(m) < 0.5
+            noise_cats[from_image] = rng.choice(shown, int(from_image.sum()))
         predictions[img["id"]] = {
-            "boxes": torch.from_numpy(boxes.astype(np.float32)),
-            "scores": torch.from_numpy(np.concatenate([scores, 0.4 * rng.random(m)]).astype(np.float32)),
-            "labels": torch.from_numpy(
-                np.concatenate([cats, rng.choice(COCO_CATEGORY_IDS, m)]).astype(np.int64)
-            ),
-        }
+            "boxes": torch.from_numpy(np.concatenate([np.concatenate([x1y1, x1y1 + wh], 1),
+                                                      np.concatenate([noise_xy, noise_xy + noise_wh], 1)]
+                                                     ).astype(np.float32)),
+            "scores": torch.from_numpy(np.concatenate([0.3 + 0.7 * rng.random(k), 0.4 * rng.random(m)])
+                                       .astype(np.float32)),
+            "labels": torch.from_numpy(np.concatenate([cats, noise_cats]).astype(np.int64)),
+        }  # fmt: skip
     return predictions
 
 
@@ -159,10 +162,11 @@ def main(argv: list[str] | None = None) -> int:
         runners = {"detrkit": run_detrkit, "pycocotools": run_pycocotools}
         for r in range(args.repeats):
             for name in ("detrkit", "pycocotools") if r % 2 == 0 else ("pycocotools", "detrkit"):
-                start = time.perf_counter()
+                start, cpu = time.perf_counter(), time.process_time()
                 metrics[name] = runners[name](ann_file, predictions)
                 times[name].append(time.perf_counter() - start)
-                print(f"# run {r + 1} {name}: {times[name][-1]:.2f} s", file=sys.stderr)
+                cpu = time.process_time() - cpu
+                print(f"# run {r + 1} {name}: {times[name][-1]:.2f} s wall, {cpu:.2f} s CPU", file=sys.stderr)
 
     ours, ref = (statistics.median(times[k]) for k in ("detrkit", "pycocotools"))
     equal = all(abs(metrics["detrkit"][k] - metrics["pycocotools"][k]) <= 1e-6 for k in COCO_METRIC_KEYS)

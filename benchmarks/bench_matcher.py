@@ -1,8 +1,9 @@
 """Hungarian matching: detrkit's ``HungarianMatcher`` against transformers' DETR / Deformable DETR matchers.
 
-Same inputs, same process, A and B alternated run by run so that a noisy shared machine slows both alike; medians of
-``--runs`` timed calls after warm-up. Batch 8, 20 targets per image, costs 1/5/2 (DETR) and 2/5/2 focal (Deformable
-DETR), 91 classes. Before timing, each case checks that both matchers return the same assignment.
+Same inputs, same process, A and B alternated run by run so that a noisy shared machine slows both alike;
+medians of ``--runs`` timed calls after warm-up. Batch 8, 20 targets per image, costs 1/5/2 (DETR) and 2/5/2
+focal (Deformable DETR), 91 classes. Before timing, each case checks that both matchers return the same
+assignment.
 
     .venv/bin/python benchmarks/bench_matcher.py [--runs 15] [--threads 2] [--device cpu]
 """
@@ -10,6 +11,7 @@ DETR), 91 classes. Before timing, each case checks that both matchers return the
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 from collections.abc import Callable
@@ -30,12 +32,19 @@ def make_case(
     g = torch.Generator().manual_seed(seed)
     num_logits = NUM_CLASSES if focal else NUM_CLASSES + 1
     logits = torch.randn(batch, num_queries, num_logits, generator=g)
-    boxes = torch.rand(batch, num_queries, 4, generator=g)  # (cx, cy, w, h) in [0, 1): a model's sigmoid output
+    boxes = torch.rand(
+        batch, num_queries, 4, generator=g
+    )  # (cx, cy, w, h) in [0, 1): a model's sigmoid output
     tgts = []
     for _ in range(batch):
         cxcy = 0.2 + 0.6 * torch.rand(targets, 2, generator=g)
         wh = 0.02 + 0.3 * torch.rand(targets, 2, generator=g)
-        tgts.append({"labels": torch.randint(0, NUM_CLASSES, (targets,), generator=g), "boxes": torch.cat([cxcy, wh], 1)})
+        tgts.append(
+            {
+                "labels": torch.randint(0, NUM_CLASSES, (targets,), generator=g),
+                "boxes": torch.cat([cxcy, wh], 1),
+            }
+        )
     ours_out = {"pred_logits": logits.to(device), "pred_boxes": boxes.to(device)}
     ours_tgt = [{k: v.to(device) for k, v in t.items()} for t in tgts]
     theirs_out = {"logits": ours_out["pred_logits"], "pred_boxes": ours_out["pred_boxes"]}
@@ -43,7 +52,9 @@ def make_case(
     return ours_out, ours_tgt, theirs_out, theirs_tgt
 
 
-def time_alternating(a: Callable[[], object], b: Callable[[], object], *, runs: int, warmup: int = 3) -> tuple:
+def time_alternating(
+    a: Callable[[], object], b: Callable[[], object], *, runs: int, warmup: int = 3
+) -> tuple:
     """Median seconds of ``a`` and ``b``, called in turn."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     for _ in range(warmup):
@@ -85,12 +96,14 @@ def main() -> None:
         for (pi, ti), (pj, tj) in zip(ours(o_out, o_tgt), theirs(t_out, t_tgt), strict=True):
             if not (torch.equal(pi, pj) and torch.equal(ti, tj)):
                 raise SystemExit(f"matchers disagree at q={num_queries} focal={focal}")
-        ms_ours, ms_theirs = (
-            1e3 * s
-            for s in time_alternating(lambda: ours(o_out, o_tgt), lambda: theirs(t_out, t_tgt), runs=args.runs)
+        s_ours, s_theirs = time_alternating(
+            functools.partial(ours, o_out, o_tgt), functools.partial(theirs, t_out, t_tgt), runs=args.runs
         )
         name = f"matcher q={num_queries}{' focal' if focal else ''} batch={args.batch}"
-        print(f"{name}: detrkit {ms_ours:.2f} ms, transformers {ms_theirs:.2f} ms, ratio {ms_ours / ms_theirs:.3f}")
+        print(
+            f"{name}: detrkit {1e3 * s_ours:.2f} ms, transformers {1e3 * s_theirs:.2f} ms, "
+            f"ratio {s_ours / s_theirs:.3f}"
+        )
 
 
 if __name__ == "__main__":

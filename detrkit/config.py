@@ -306,6 +306,8 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             raise ValueError(f"{where} must be a number, got {value!r}")
         return float(value)
     if tp is str:
+        if value is None:  # an empty override (`data.val_annotations=`) reads as null
+            return ""
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ValueError(f"{where} must be a string, got {value!r}")
         return str(value)

@@ -1,10 +1,11 @@
 """Reading published DETR weights: ``transformers`` folders, official facebookresearch/detr ``.pth`` files and
 Hugging Face Hub ids.
 
-Each source's keys are renamed to detrkit's by a table of rules, its ``ModelConfig`` is derived from its config
-(for ``.pth`` files from the tensor shapes), and the result is checked against the model that config builds: a key
-no rule knows, a key the model lacks, a missing key or a wrong shape is an error, never a silently dropped weight.
-Only tensors are read (safetensors, ``torch.load(weights_only=True)``); no code from a checkpoint ever runs.
+Each source's keys are renamed to detrkit's by a table of rules, its ``ModelConfig`` is derived from its
+config (for ``.pth`` files from the tensor shapes), and the result is checked against the model that config
+builds: a key no rule knows, a key the model lacks, a missing key or a wrong shape is an error, never a
+silently dropped weight. Only tensors are read (safetensors, ``torch.load(weights_only=True)``): no code from
+a checkpoint ever runs.
 
 Key layouts (``N`` transformer layer, ``S`` ResNet stage 0-3, ``B`` block, ``C`` convolution 0-2 of a block):
 
@@ -26,9 +27,9 @@ transformers, ``DetrForObjectDetection.save_pretrained`` (``config.json`` with `
 
 official facebookresearch/detr ``.pth`` (``{"model": state_dict, "args": Namespace, ...}``)
     ``backbone.0.body.*`` (torchvision names), ``backbone.1.{row,col}_embed`` (learned encodings),
-    ``transformer.{encoder,decoder}.layers.N.{self_attn,multihead_attn}.{in_proj_weight,in_proj_bias,out_proj}``
-    (q, k and v packed in ``in_proj``), ``linear1``, ``linear2``, ``norm1..3``, ``transformer.decoder.norm``,
-    ``query_embed``, ``input_proj``, ``class_embed``, ``bbox_embed.layers.{0,1,2}``.
+    ``transformer.{encoder,decoder}.layers.N.{self_attn,multihead_attn}.{in_proj_weight,in_proj_bias}`` (q, k
+    and v packed in one tensor) and ``.out_proj``, ``linear1``, ``linear2``, ``norm1..3``;
+    ``transformer.decoder.norm``, ``query_embed``, ``input_proj``, ``class_embed``, ``bbox_embed.layers.N``.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import pickle
 import re
 import warnings
 from collections.abc import Callable
@@ -59,17 +61,17 @@ RESNET_LAYOUTS: dict[str, tuple[tuple[int, ...], bool]] = {
 }
 
 
-# -- entry points -----------------------------------------------------------------------------------------------
+# -- entry points --------------------------------------------------------------------------------------------
 def load_published(path: str | Path) -> tuple[ModelConfig, StateDict]:
     """Read a published checkpoint: its ``ModelConfig`` and a state dict in detrkit's key layout.
 
     Args:
-        path: a ``transformers`` folder (``config.json`` with ``"model_type": "detr"`` and ``model.safetensors``
-            or ``pytorch_model.bin``) or an official facebookresearch/detr ``.pth`` file.
+        path: a ``transformers`` folder (``config.json`` with ``"model_type": "detr"`` and
+            ``model.safetensors`` or ``pytorch_model.bin``), or an official facebookresearch/detr ``.pth``.
 
     The config has ``mask_backbone_padding=False``, so outputs equal the reference implementation's on padded
-    batches, and ``trainable_stages=3``. Weights do not record DC5 dilation: for ``.pth`` files it comes from the
-    checkpoint's ``args`` when saved, else from ``dc5`` in the file name; else pass ``dilation=True`` to
+    batches, and ``trainable_stages=3``. Weights do not record DC5 dilation: for ``.pth`` files it comes from
+    the checkpoint's ``args`` when saved, else from ``dc5`` in the file name; else pass ``dilation=True`` to
     ``detrkit.load``.
     """
     path = Path(path)
@@ -91,7 +93,8 @@ def load_published(path: str | Path) -> tuple[ModelConfig, StateDict]:
 
 
 def resolve_hub_id(repo_id: str, revision: str | None = None) -> Path:
-    """Download a Hugging Face Hub model (or find it in the local cache) and return its folder.
+    """Download a Hugging Face Hub model (or find it in the local cache) and return its snapshot folder, or
+    the ``.pth`` file of a repository that holds a single official checkpoint and no ``config.json``.
 
     Fetches ``config.json`` and the safetensors weights; ``pytorch_model.bin`` only for a repository without
     safetensors. When the Hub cannot be reached the files come from the local Hugging Face cache. Needs the
@@ -118,7 +121,7 @@ def resolve_hub_id(repo_id: str, revision: str | None = None) -> Path:
 def _snapshot(repo_id: str, revision: str | None, patterns: list[str]) -> Path:
     """``snapshot_download`` that falls back to the local cache when the Hub cannot be reached."""
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.utils import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
     kwargs: dict[str, Any] = {"revision": revision, "allow_patterns": patterns, "library_name": "detrkit"}
     try:
@@ -135,7 +138,7 @@ def _snapshot(repo_id: str, revision: str | None, patterns: list[str]) -> Path:
             ) from online_error
 
 
-# -- safe reading -----------------------------------------------------------------------------------------------
+# -- safe reading --------------------------------------------------------------------------------------------
 def _safe_globals() -> contextlib.AbstractContextManager:
     """Allow ``argparse.Namespace`` in ``weights_only`` unpickling: official checkpoints keep their training
     ``args`` in one, and a Namespace is a plain bag of attributes (rebuilding it runs no code)."""
@@ -144,19 +147,25 @@ def _safe_globals() -> contextlib.AbstractContextManager:
 
 
 def _torch_load_tensors(path: Path) -> Any:
-    """``torch.load(weights_only=True)``, Namespace allowed; a pickle needing any other Python global (a class,
-    a function such as ``os.system``) is refused before anything runs, with the offending name."""
+    """``torch.load(weights_only=True)`` with Namespace allowed: a pickle that needs any other Python global
+    (a class, a function such as ``os.system``) is refused before anything runs, naming the global."""
     try:
         with _safe_globals():
             return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        found = re.search(r"unsupported global[^\n]*", str(e), flags=re.IGNORECASE)
-        reason = found.group(0).strip() if found else (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ValueError(
-            f"refusing to load {path}: unpickling it needs Python objects beyond tensors and plain data "
-            f"({reason}). detrkit only reads weights (torch.load weights_only=True) and never runs code from a "
-            "checkpoint; re-save it as torch.save({'model': model.state_dict()}, path) or as safetensors"
-        ) from e
+    except pickle.UnpicklingError as e:  # raised by the weights-only unpickler, before it builds anything
+        # Quote torch's reason, not its advice (which suggests weights_only=False, exactly what we refuse).
+        found = re.search(r"unsupported global:?\s*(?:GLOBAL\s+)?([\w.]+)", str(e), flags=re.IGNORECASE)
+        if found:
+            raise ValueError(
+                f"refusing to load {path}: unpickling it needs the Python global {found.group(1)}. detrkit "
+                "reads only tensors and plain data (torch.load weights_only=True) and never runs code from a "
+                "checkpoint; re-save it as torch.save({'model': model.state_dict()}, path) or as safetensors"
+            ) from e
+        found = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(e))
+        reason = found.group(1).strip() if found else "not a weights-only torch pickle"
+        raise ValueError(f"cannot read {path} as a torch checkpoint of tensors: {reason}") from e
+    except Exception as e:  # not a torch file, truncated, corrupted: the unpickler fails in many ways
+        raise ValueError(f"cannot read {path} as a torch checkpoint: {type(e).__name__}: {e}") from e
 
 
 def _read_transformers_weights(folder: Path) -> StateDict:
@@ -170,8 +179,8 @@ def _read_transformers_weights(folder: Path) -> StateDict:
         return state
     if (folder / "pytorch_model.bin").is_file():
         obj = _torch_load_tensors(folder / "pytorch_model.bin")
-        if not isinstance(obj, dict):
-            raise ValueError(f"{folder / 'pytorch_model.bin'} does not hold a state dict")
+        if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
+            raise ValueError(f"{folder / 'pytorch_model.bin'} does not hold a state dict of tensors")
         return obj
     raise FileNotFoundError(
         f"{folder} has a transformers config.json but no model.safetensors or pytorch_model.bin "
@@ -179,9 +188,9 @@ def _read_transformers_weights(folder: Path) -> StateDict:
     )
 
 
-# -- renaming by rules ------------------------------------------------------------------------------------------
-# A rule converts a key it matches in full into (detrkit key, tensor) pairs: a template for plain renames, or a
-# function that may return None to say "not mine after all" (then the key counts as unknown).
+# -- renaming by rules ---------------------------------------------------------------------------------------
+# A rule converts a key it matches in full into (detrkit key, tensor) pairs: a template for plain renames, or
+# a function that may return None to say "not mine after all" (then the key counts as unknown).
 Converter = Callable[[re.Match, Tensor], "list[tuple[str, Tensor]] | None"]
 Rule = tuple[re.Pattern, "str | Converter"]
 
@@ -232,7 +241,7 @@ _HF_PROJ = {
 
 
 def _hf_layer(m: re.Match, t: Tensor) -> list[tuple[str, Tensor]] | None:
-    """``model.{encoder,decoder}.layers.N.<part>.{weight,bias}`` → ``transformer.{encoder,decoder}.N.<ours>``."""
+    """``model.{encoder,decoder}.layers.N.<part>.<param>`` → ``transformer.{encoder,decoder}.N.<ours>``."""
     stack, index, part, param = m.groups()
     ours = _HF_PARTS[stack].get(part)
     fc = re.fullmatch(r"(?:mlp\.)?fc([12])", part)  # 4.x, and 5.x on disk: fc1; 5.x in memory: mlp.fc1
@@ -266,8 +275,8 @@ _HF_RULES: list[Rule] = [
 
 
 def _hf_resnet_block(m: re.Match, t: Tensor) -> list[tuple[str, Tensor]]:
-    """transformers ResNet ``stages.S.layers.B.layer.C`` is torchvision ``layer{S+1}.B.conv{C+1}``/``bn{C+1}``;
-    its ``shortcut`` is torchvision's ``downsample`` (convolution 0, norm 1)."""
+    """transformers ResNet ``stages.S.layers.B.layer.C`` is torchvision ``layer{S+1}.B.conv{C+1}`` and
+    ``bn{C+1}``; its ``shortcut`` is torchvision's ``downsample`` (convolution 0, norm 1)."""
     stage, block, conv, kind, param = m.groups()
     prefix = f"layer{int(stage) + 1}.{block}"
     if conv is None:  # shortcut
@@ -280,7 +289,8 @@ _HF_RESNET_RULES: list[Rule] = [
     (re.compile(r"embedder\.embedder\.normalization\.(\w+)"), r"bn1.\1"),
     (
         re.compile(
-            r"encoder\.stages\.([0-3])\.layers\.(\d+)\.(?:layer\.([0-2])|shortcut)\.(convolution|normalization)\.(\w+)"
+            r"encoder\.stages\.([0-3])\.layers\.(\d+)\.(?:layer\.([0-2])|shortcut)"
+            r"\.(convolution|normalization)\.(\w+)"
         ),
         _hf_resnet_block,
     ),
@@ -291,7 +301,7 @@ _OFFICIAL_ATTN = {"self_attn": "self_attn", "multihead_attn": "cross_attn"}
 
 
 def _official_attention(m: re.Match, t: Tensor) -> list[tuple[str, Tensor]]:
-    """``nn.MultiheadAttention`` packs the q, k, v projections into ``in_proj_{weight,bias}``, in that order."""
+    """``nn.MultiheadAttention`` packs the q, k, v projections in ``in_proj_{weight,bias}``, in that order."""
     stack, index, module, which, param = m.groups()
     prefix = f"transformer.{stack}.{index}.{_OFFICIAL_ATTN[module]}"
     if which == "out_proj.":
@@ -307,7 +317,8 @@ _OFFICIAL_RULES: list[Rule] = [
     (re.compile(r"backbone\.1\.(row|col)_embed\.weight"), r"position_encoding.\1_embed.weight"),
     (
         re.compile(
-            r"transformer\.(encoder|decoder)\.layers\.(\d+)\.(self_attn|multihead_attn)\.(in_proj_|out_proj\.)(weight|bias)"
+            r"transformer\.(encoder|decoder)\.layers\.(\d+)\.(self_attn|multihead_attn)"
+            r"\.(in_proj_|out_proj\.)(weight|bias)"
         ),
         _official_attention,
     ),
@@ -325,7 +336,7 @@ _OFFICIAL_RULES: list[Rule] = [
 ]
 
 
-# -- transformers folders ---------------------------------------------------------------------------------------
+# -- transformers folders ------------------------------------------------------------------------------------
 def _load_transformers_folder(folder: Path) -> tuple[ModelConfig, StateDict]:
     config_file = folder / "config.json"
     if not config_file.is_file():
@@ -372,7 +383,8 @@ def convert_transformers(
     if weights_kind != kind:
         described = {"resnet": "a transformers ResNet", "timm": "a timm ResNet"}
         raise ValueError(
-            f"{source}: config.json describes {described[kind]} backbone but the weights are {described[weights_kind]}"
+            f"{source}: config.json describes {described[kind]} backbone, "
+            f"but the weights are {described[weights_kind]}"
         )
     if kind == "resnet":
         body, body_unknown = _apply_rules(body, _HF_RESNET_RULES)
@@ -387,7 +399,7 @@ def convert_transformers(
 
 
 def _hf_backbone_kind(hf: dict[str, Any], source: str) -> tuple[str, dict[str, Any]]:
-    """The backbone a transformers DETR config builds: ``("timm", details)`` or ``("resnet", backbone_config)``."""
+    """The backbone a transformers DETR config builds: ``("timm", details)`` or ``("resnet", its config)``."""
     if hf.get("num_channels", 3) != 3:
         raise ValueError(f"{source}: only 3-channel (RGB) inputs are supported, not {hf['num_channels']}")
     bc = hf.get("backbone_config")
@@ -445,9 +457,10 @@ def _check_hf_resnet(bc: dict[str, Any], name: str, source: str) -> bool:
     """Check a transformers ResNet computes what torchvision's ResNet of the same depth computes.
 
     With the defaults both put a bottleneck's stride on its 3x3 convolution ("ResNet v1.5") and a projection
-    shortcut exactly where torchvision has a ``downsample``; stems and FrozenBatchNorm (eps 1e-5) are the same. The
-    options refused below change the computation. Returns ``dilation``: always False, because transformers' ResNet
-    ignores DETR's ``dilation`` option, so the reference computes stride 32 whatever the config says.
+    shortcut exactly where torchvision has a ``downsample``; stems and FrozenBatchNorm (eps 1e-5) are the
+    same. The options refused below change the computation. Returns ``dilation``: always False, because
+    transformers' ResNet ignores DETR's ``dilation`` option: the reference computes stride 32 whatever the
+    config says.
     """
     if bc.get("downsample_in_bottleneck", False):
         raise ValueError(
@@ -477,26 +490,43 @@ def _check_hf_resnet(bc: dict[str, Any], name: str, source: str) -> bool:
     return False
 
 
+# transformers' DetrConfig defaults (the same in 4.x and 5.x), for config.json files that omit a field
+_DETR_CONFIG_DEFAULTS: dict[str, Any] = {
+    "d_model": 256,
+    "encoder_layers": 6,
+    "decoder_layers": 6,
+    "encoder_attention_heads": 8,
+    "decoder_attention_heads": 8,
+    "encoder_ffn_dim": 2048,
+    "decoder_ffn_dim": 2048,
+    "num_queries": 100,
+    "dropout": 0.1,
+    "attention_dropout": 0.0,
+    "activation_dropout": 0.0,
+    "auxiliary_loss": False,
+    "position_embedding_type": "sine",
+}
+
+
 def _hf_model_config(
     hf: dict[str, Any], *, backbone: str, dilation: bool, state: StateDict, source: str
 ) -> ModelConfig:
-    """``ModelConfig`` from a transformers ``DetrConfig`` dict; absent fields take ``DetrConfig``'s defaults."""
+    """``ModelConfig`` from a transformers ``DetrConfig`` dict; absent fields take DetrConfig's defaults."""
+    hf = {**_DETR_CONFIG_DEFAULTS, **hf}
     for enc, dec in (
         ("encoder_ffn_dim", "decoder_ffn_dim"),
         ("encoder_attention_heads", "decoder_attention_heads"),
     ):
-        if hf.get(enc) != hf.get(dec):
-            raise ValueError(
-                f"{source}: {enc}={hf.get(enc)} but {dec}={hf.get(dec)}; detrkit needs them equal"
-            )
+        if hf[enc] != hf[dec]:
+            raise ValueError(f"{source}: {enc}={hf[enc]} but {dec}={hf[dec]}; detrkit needs them equal")
     if hf.get("activation_function", "relu") != "relu":
         raise ValueError(f"{source}: activation {hf['activation_function']!r} is not supported (relu only)")
-    if hf.get("auxiliary_loss", False):
-        # With auxiliary_loss on, transformers feeds each decoder layer the LayerNorm'ed output of the previous
-        # one (and norms the last twice); the official DETR and detrkit norm only the copies sent to the heads.
+    if hf["auxiliary_loss"]:
+        # With auxiliary_loss on, transformers feeds each decoder layer the LayerNorm'ed output of the
+        # previous one (and norms the last twice); the official DETR and detrkit norm only the head inputs.
         warnings.warn(
-            f"{source} has auxiliary_loss=True: transformers then applies the decoder's final LayerNorm between "
-            "decoder layers, the official DETR and detrkit do not, so outputs differ from transformers'",
+            f"{source} has auxiliary_loss=True: transformers then applies the decoder's final LayerNorm "
+            "between decoder layers, the official DETR and detrkit do not: outputs differ from transformers'",
             stacklevel=4,
         )
     if "class_embed.weight" not in state:
@@ -509,7 +539,7 @@ def _hf_model_config(
             raise ValueError(
                 f"{source}: id2label has {len(id2label)} labels but the class head {num_classes} classes"
             )
-        # The keys are the published model's contiguous labels (COCO: 0..90, "N/A" where COCO has no category).
+        # The keys are the published model's contiguous labels (COCO: 0..90, "N/A" where COCO has no class).
         category_ids = tuple(sorted(id2label))
         class_names = tuple(id2label[i] for i in category_ids)
     return ModelConfig(
@@ -522,21 +552,21 @@ def _hf_model_config(
         trainable_stages=3,
         backbone_weights=None,
         mask_backbone_padding=False,
-        position_embedding=hf.get("position_embedding_type", "sine"),
-        hidden_dim=hf.get("d_model", 256),
-        nheads=hf.get("encoder_attention_heads", 8),
-        enc_layers=hf.get("encoder_layers", 6),
-        dec_layers=hf.get("decoder_layers", 6),
-        dim_feedforward=hf.get("encoder_ffn_dim", 2048),
-        dropout=float(hf.get("dropout", 0.1)),
-        attention_dropout=float(hf.get("attention_dropout", 0.0)),
-        activation_dropout=float(hf.get("activation_dropout", 0.0)),
-        num_queries=hf.get("num_queries", 100),
-        aux_loss=bool(hf.get("auxiliary_loss", False)),
+        position_embedding=hf["position_embedding_type"],
+        hidden_dim=hf["d_model"],
+        nheads=hf["encoder_attention_heads"],
+        enc_layers=hf["encoder_layers"],
+        dec_layers=hf["decoder_layers"],
+        dim_feedforward=hf["encoder_ffn_dim"],
+        dropout=float(hf["dropout"]),
+        attention_dropout=float(hf["attention_dropout"]),
+        activation_dropout=float(hf["activation_dropout"]),
+        num_queries=hf["num_queries"],
+        aux_loss=bool(hf["auxiliary_loss"]),
     )
 
 
-# -- official .pth files and bare state dicts -------------------------------------------------------------------
+# -- official .pth files and bare state dicts ----------------------------------------------------------------
 def _convert_state_file(
     state: dict[str, Any], *, args: dict[str, Any] | None, path: Path
 ) -> tuple[ModelConfig, StateDict]:
@@ -546,8 +576,8 @@ def _convert_state_file(
     if any(k.startswith("backbone.body.") for k in state):
         raise ValueError(
             f"{path} is a bare state dict in detrkit's layout, which does not record the architecture: save "
-            "models with model.save_pretrained(folder) and load the folder, or build the model from its config "
-            "and call model.load_state_dict"
+            "models with model.save_pretrained(folder) and load the folder, or build the model from its "
+            "config and call model.load_state_dict"
         )
     if any(k.startswith(("model.backbone.", "class_labels_classifier.")) for k in state):
         raise ValueError(f"{path} holds transformers weights: load the folder with its config.json instead")
@@ -565,12 +595,12 @@ def convert_official(
     source: str = "checkpoint",
     dilation_hint: bool = False,
 ) -> tuple[ModelConfig, StateDict]:
-    """Convert an official facebookresearch/detr state dict; the config comes from the tensor shapes and ``args``.
+    """Convert an official facebookresearch/detr state dict; the config comes from tensor shapes and ``args``.
 
-    ``args`` (the training arguments, when the checkpoint kept them) tell what weights cannot: the number of heads,
-    DC5 dilation and dropout. Without them: 8 heads and dropout 0.1 (the official defaults), and ``dilation_hint``.
-    The official class head is indexed by dataset category id (COCO: 91 classes, ids 0..90), so labels are their
-    own ids.
+    ``args`` (the training arguments, when the checkpoint kept them) tell what weights cannot: the number of
+    heads, DC5 dilation and dropout. Without them: 8 heads and dropout 0.1 (the official defaults), and
+    ``dilation_hint``. The official class head is indexed by dataset category id (COCO: 91 classes, ids
+    0..90), so labels are their own ids.
     """
     args = args or {}
     if "transformer.encoder.norm.weight" in state or args.get("pre_norm"):
@@ -619,13 +649,13 @@ def convert_official(
     return config, converted
 
 
-# -- shared checks ----------------------------------------------------------------------------------------------
+# -- shared checks -------------------------------------------------------------------------------------------
 def _count_layers(state: StateDict, prefix: str) -> int:
     return len({k.removeprefix(prefix).split(".")[0] for k in state if k.startswith(prefix)})
 
 
 def _resnet_name(body: StateDict, source: str) -> str:
-    """Which torchvision ResNet a body state dict (torchvision names) is: its blocks per stage and their type."""
+    """Which torchvision ResNet a body state dict (torchvision names) is, from its blocks per stage."""
     blocks = tuple(len({k.split(".")[1] for k in body if k.startswith(f"layer{i}.")}) for i in range(1, 5))
     bottleneck = any(k.endswith(".conv3.weight") for k in body)
     for name, layout in RESNET_LAYOUTS.items():
@@ -633,12 +663,13 @@ def _resnet_name(body: StateDict, source: str) -> str:
             return name
     kind = "bottleneck" if bottleneck else "basic"
     raise ValueError(
-        f"{source}: a ResNet with {list(blocks)} {kind} blocks per stage is not one of {', '.join(RESNET_LAYOUTS)}"
+        f"{source}: a ResNet with {list(blocks)} {kind} blocks per stage is none of "
+        f"{', '.join(RESNET_LAYOUTS)}"
     )
 
 
 def _expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Shapes of the state dict of the model ``config`` builds, built on the meta device (nothing allocated)."""
+    """State dict shapes of the model ``config`` builds, built on the meta device (nothing allocated)."""
     from .models import build_model
 
     with torch.device("meta"):

@@ -1,17 +1,19 @@
 """The DETR set loss: match queries to targets, then classify every query and regress the matched boxes.
 
 Carion et al. 2020, "End-to-End Object Detection with Transformers", Sec. 3.1 (Eq. 2) and the official
-``SetCriterion`` (facebookresearch/detr, models/detr.py): cross-entropy over K+1 classes with the no-object class
-down-weighted by ``eos_coef``, plus L1 and GIoU losses on the matched boxes, all normalised by the number of target
-boxes, repeated for every decoder layer (auxiliary losses, Sec. 3.2). ``focal=True`` replaces the cross-entropy by the
-sigmoid focal loss of Deformable DETR (Zhu et al. 2021; official ``SetCriterion`` in fundamentalvision/Deformable-DETR
-models/deformable_detr.py), used by Deformable and Conditional DETR.
+``SetCriterion`` (facebookresearch/detr, models/detr.py): cross-entropy over K+1 classes with the no-object
+class down-weighted by ``eos_coef``, plus L1 and GIoU losses on the matched boxes, all normalised by the
+number of target boxes, repeated for every decoder layer (auxiliary losses, Sec. 3.2). ``focal=True`` replaces
+the cross-entropy by the sigmoid focal loss of Deformable DETR (Zhu et al. 2021; official ``SetCriterion`` in
+fundamentalvision/Deformable-DETR models/deformable_detr.py), used by Deformable and Conditional DETR.
 
-Tensors: B batch, Q queries, K classes, C class logits (K+1 softmax with no-object last, or K focal), N_b targets of
-image b, M = Σ min(Q, N_b) matched pairs.
+Tensors: B batch, Q queries, K classes, C class logits (K+1 softmax with no-object last, or K focal), N_b
+targets of image b, M = Σ min(Q, N_b) matched pairs.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +33,7 @@ class SetCriterion(nn.Module):
     Args:
         num_classes: K, the number of real classes (without no-object).
         matcher: assigns queries to targets, e.g. ``HungarianMatcher``; called on each layer's outputs.
-        eos_coef: weight of the no-object class in the softmax cross-entropy (DETR 0.1). Unused with ``focal``.
+        eos_coef: weight of the no-object class in the cross-entropy (DETR 0.1); unused with ``focal``.
         weight_ce: weight of the classification loss in ``loss`` (DETR 1; focal models 2).
         weight_bbox: weight of the L1 box loss (5).
         weight_giou: weight of the GIoU loss (2).
@@ -58,13 +60,17 @@ class SetCriterion(nn.Module):
             raise ValueError(f"SetCriterion needs num_classes >= 1, got {num_classes}")
         if isinstance(matcher, HungarianMatcher) and matcher.focal != focal:
             raise ValueError(
-                f"SetCriterion(focal={focal}) got a HungarianMatcher(focal={matcher.focal}): the class cost of the "
-                "matching and the classification loss must both be softmax or both be focal"
+                f"SetCriterion(focal={focal}) got a HungarianMatcher(focal={matcher.focal}): the class cost "
+                "of the matching and the classification loss must both be softmax or both be focal"
             )
         self.num_classes = num_classes
         self.matcher = matcher
         self.eos_coef = float(eos_coef)
-        self.weights = {"loss_ce": float(weight_ce), "loss_bbox": float(weight_bbox), "loss_giou": float(weight_giou)}
+        self.weights = {
+            "loss_ce": float(weight_ce),
+            "loss_bbox": float(weight_bbox),
+            "loss_giou": float(weight_giou),
+        }
         self.focal = focal
         self.focal_alpha = float(focal_alpha)
         self.focal_gamma = float(focal_gamma)
@@ -76,10 +82,12 @@ class SetCriterion(nn.Module):
     def extra_repr(self) -> str:
         weights = ", ".join(f"weight_{k[5:]}={v}" for k, v in self.weights.items())
         mode = f"focal=True, focal_alpha={self.focal_alpha}, focal_gamma={self.focal_gamma}"
-        return f"num_classes={self.num_classes}, {weights}, " + (mode if self.focal else f"eos_coef={self.eos_coef}")
+        return f"num_classes={self.num_classes}, {weights}, " + (
+            mode if self.focal else f"eos_coef={self.eos_coef}"
+        )
 
     def match(self, outputs: dict, targets: list[dict[str, Tensor]]) -> Indices:
-        """The matching of the last layer, as ``forward`` computes it (pass it back as ``indices`` to reuse it).
+        """The last layer's matching, as ``forward`` computes it; pass it back as ``indices`` to reuse it.
 
         Returns:
             B pairs ``(pred_idx, tgt_idx)`` of int64 CPU tensors, see ``HungarianMatcher.forward``.
@@ -96,13 +104,13 @@ class SetCriterion(nn.Module):
                 ``aux_outputs`` (a list of dicts with the same two keys, one per earlier decoder layer) and
                 ``enc_outputs`` (two-stage proposals, matched class-agnostically: every target labelled 0).
             targets: B dicts with ``labels`` (N_b,) int64 and ``boxes`` (N_b, 4) normalised cxcywh.
-            indices: the last layer's matching if the caller already has it (from ``match``); computed otherwise.
+            indices: the last layer's matching if the caller has it already (``match``); computed otherwise.
 
         Returns:
             ``loss``: the weighted sum over all layers, to call ``backward`` on. ``loss_ce``, ``loss_bbox``,
-            ``loss_giou``: the last layer's unweighted terms; ``aux/{i}/loss_ce`` (etc.) for ``aux_outputs[i]`` and
-            ``enc/loss_ce`` (etc.) for ``enc_outputs``. Logged metrics of the last layer, without gradient:
-            ``cardinality_error`` and ``class_error``. All are scalar tensors.
+            ``loss_giou``: the last layer's unweighted terms; ``aux/{i}/loss_ce`` (etc.) for
+            ``aux_outputs[i]`` and ``enc/loss_ce`` (etc.) for ``enc_outputs``. Logged metrics of the last
+            layer, without gradient: ``cardinality_error`` and ``class_error``. All are scalar tensors.
         """
         last = _layer(outputs)
         expected = self.num_classes if self.focal else self.num_classes + 1
@@ -113,20 +121,22 @@ class SetCriterion(nn.Module):
                 f"{expected} classes ({mode}), got shape {tuple(last['pred_logits'].shape)}"
             )
         aux = list(outputs.get("aux_outputs") or [])
-        num_boxes = self._num_boxes(targets, last["pred_logits"].device)
+        device = last["pred_logits"].device
+        num_boxes = self._num_boxes(targets, device)
 
-        # Each layer is matched on its own predictions (DETR Sec. 3.2), but all decoder layers in one matcher call
-        # when they share a shape: the batch of L·B images costs one device->host transfer instead of L.
+        # Each layer is matched on its own predictions (DETR Sec. 3.2), but all decoder layers in one matcher
+        # call when they share a shape: the batch of L·B images costs one device->host transfer instead of L.
         if indices is None:
             layer_indices = self._match_layers([last, *aux], targets)
         else:
             layer_indices = [indices, *self._match_layers(aux, targets)]
 
-        terms = self._layer_losses(last, targets, layer_indices[0], num_boxes)
+        matched = _Matched.gather(targets, layer_indices[0], device)
+        terms = self._layer_losses(last, matched, num_boxes)
         losses = dict(terms)
         total = self._weighted(terms)
         for i, (layer, layer_idx) in enumerate(zip(aux, layer_indices[1:], strict=True)):
-            terms = self._layer_losses(_layer(layer), targets, layer_idx, num_boxes)
+            terms = self._layer_losses(_layer(layer), _Matched.gather(targets, layer_idx, device), num_boxes)
             losses.update({f"aux/{i}/{k}": v for k, v in terms.items()})
             total = total + self._weighted(terms)
         if "enc_outputs" in outputs:
@@ -134,21 +144,26 @@ class SetCriterion(nn.Module):
             # counting as class 0 (official code: bin_targets with labels zeroed).
             enc = _layer(outputs["enc_outputs"])
             agnostic = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
-            terms = self._layer_losses(enc, agnostic, self.matcher(enc, agnostic), num_boxes)
+            enc_matched = _Matched.gather(agnostic, self.matcher(enc, agnostic), device)
+            terms = self._layer_losses(enc, enc_matched, num_boxes)
             losses.update({f"enc/{k}": v for k, v in terms.items()})
             total = total + self._weighted(terms)
 
         losses["loss"] = total
-        losses.update(self._metrics(last, targets, layer_indices[0]))
+        losses.update(self._metrics(last["pred_logits"], targets, matched))
         return losses
 
-    def _match_layers(self, layers: list[dict[str, Tensor]], targets: list[dict[str, Tensor]]) -> list[Indices]:
+    def _match_layers(
+        self, layers: list[dict[str, Tensor]], targets: list[dict[str, Tensor]]
+    ) -> list[Indices]:
         """The matching of each layer; layers of one shape are stacked into one batch for the matcher."""
         shapes = {(layer["pred_logits"].shape, layer["pred_boxes"].shape) for layer in layers}
         if len(layers) < 2 or len(shapes) > 1:
             return [self.matcher(layer, targets) for layer in layers]
         batch = len(targets)
-        stacked = {k: torch.cat([layer[k].detach() for layer in layers]) for k in ("pred_logits", "pred_boxes")}
+        stacked = {
+            k: torch.cat([layer[k].detach() for layer in layers]) for k in ("pred_logits", "pred_boxes")
+        }
         flat = self.matcher(stacked, targets * len(layers))
         return [flat[i : i + batch] for i in range(0, len(flat), batch)]
 
@@ -156,51 +171,52 @@ class SetCriterion(nn.Module):
         return sum(self.weights[k] * v for k, v in terms.items())  # type: ignore[return-value]
 
     def _layer_losses(
-        self, layer: dict[str, Tensor], targets: list[dict[str, Tensor]], indices: Indices, num_boxes: float
+        self, layer: dict[str, Tensor], matched: _Matched, num_boxes: float
     ) -> dict[str, Tensor]:
         """Unweighted ``loss_ce``, ``loss_bbox``, ``loss_giou`` of one layer."""
         logits, boxes = layer["pred_logits"], layer["pred_boxes"]
-        batch_idx, query_idx = matched_query_index(indices, device=logits.device)
-        matched_labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices, strict=True)])
-        matched_labels = matched_labels.to(logits.device)  # (M,)
+        batch_idx, query_idx = matched.batch_idx, matched.query_idx
 
         # Every query gets a class target: its matched target's label, or no-object.
         num_logits = logits.shape[-1]
         no_object = num_logits if self.focal else num_logits - 1
-        target_classes = torch.full(logits.shape[:2], no_object, dtype=torch.int64, device=logits.device)  # (B, Q)
-        target_classes[batch_idx, query_idx] = matched_labels
+        target_classes = torch.full(
+            logits.shape[:2], no_object, dtype=torch.int64, device=logits.device
+        )  # (B, Q)
+        target_classes[batch_idx, query_idx] = matched.labels
         if self.focal:
-            # One-hot over K; unmatched queries are all-zero rows (the official code scatters into K+1 columns and
-            # drops the last one).
+            # One-hot over K; unmatched queries are all-zero rows (the official code scatters into K+1 columns
+            # and drops the last one).
             onehot = F.one_hot(target_classes, num_logits + 1)[..., :-1].to(logits.dtype)  # (B, Q, K)
             loss_ce = sigmoid_focal_loss(
                 logits, onehot, num_boxes, alpha=self.focal_alpha, gamma=self.focal_gamma
             )
         else:
-            loss_ce = F.cross_entropy(logits.transpose(1, 2), target_classes, self.empty_weight.to(logits.dtype))
+            loss_ce = F.cross_entropy(
+                logits.transpose(1, 2), target_classes, self.empty_weight.to(logits.dtype)
+            )
 
         src_boxes = boxes[batch_idx, query_idx]  # (M, 4)
-        tgt_boxes = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices, strict=True)])
-        tgt_boxes = tgt_boxes.to(src_boxes)  # (M, 4)
+        tgt_boxes = matched.boxes.to(src_boxes)  # (M, 4)
         loss_bbox = F.l1_loss(src_boxes, tgt_boxes, reduction="sum") / num_boxes
         giou = elementwise_generalized_box_iou(box_cxcywh_to_xyxy(src_boxes), box_cxcywh_to_xyxy(tgt_boxes))
         loss_giou = (1 - giou).sum() / num_boxes
         return {"loss_ce": loss_ce, "loss_bbox": loss_bbox, "loss_giou": loss_giou}
 
     @torch.no_grad()
-    def _metrics(self, layer: dict[str, Tensor], targets: list[dict[str, Tensor]], indices: Indices) -> dict:
-        logits = layer["pred_logits"]
-        batch_idx, query_idx = matched_query_index(indices, device=logits.device)
-        matched_labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices, strict=True)])
-        if len(matched_labels):
-            correct = logits[batch_idx, query_idx].argmax(-1) == matched_labels.to(logits.device)
+    def _metrics(
+        self, logits: Tensor, targets: list[dict[str, Tensor]], matched: _Matched
+    ) -> dict[str, Tensor]:
+        """``class_error``: percent of matched queries whose best class is wrong; ``cardinality_error``."""
+        if len(matched.labels):
+            correct = logits[matched.batch_idx, matched.query_idx].argmax(-1) == matched.labels
             class_error = 100 - 100 * correct.float().mean()
         else:
             # Nothing matched, nothing misclassified (the official code reports 100 here).
             class_error = logits.new_zeros(())
         # Predicted objects per image: queries whose best class is not no-object; with sigmoid scores, queries
-        # with some class above 0.5 (the official Deformable DETR reuses the softmax rule, which there counts the
-        # queries whose best class is not the last real class).
+        # with some class above 0.5 (the official Deformable DETR reuses the softmax rule, which there counts
+        # the queries whose best class is not the last real class).
         if self.focal:
             num_pred = (logits.max(-1).values > 0).sum(1)  # (B,)  sigmoid(x) > 0.5
         else:
@@ -221,12 +237,32 @@ class SetCriterion(nn.Module):
         return max(num_boxes, 1.0)
 
 
+@dataclass(frozen=True)
+class _Matched:
+    """One layer's matched pairs, flattened over the batch: M = Σ min(Q, N_b)."""
+
+    batch_idx: Tensor  # (M,) image of each pair
+    query_idx: Tensor  # (M,) query of each pair
+    labels: Tensor  # (M,) its target's label
+    boxes: Tensor  # (M, 4) its target's box, normalised cxcywh
+
+    @staticmethod
+    def gather(targets: list[dict[str, Tensor]], indices: Indices, device: torch.device) -> _Matched:
+        batch_idx, query_idx = matched_query_index(indices, device=device)
+        pairs = list(zip(targets, indices, strict=True))
+        labels = torch.cat([t["labels"][j] for t, (_, j) in pairs]).to(device)
+        boxes = torch.cat([t["boxes"][j] for t, (_, j) in pairs]).to(device)
+        return _Matched(batch_idx, query_idx, labels, boxes)
+
+
 def _layer(outputs: dict) -> dict[str, Tensor]:
     """The two tensors a layer's loss needs (leaves ``aux_outputs`` etc. behind)."""
     return {"pred_logits": outputs["pred_logits"], "pred_boxes": outputs["pred_boxes"]}
 
 
-def matched_query_index(indices: Indices, *, device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
+def matched_query_index(
+    indices: Indices, *, device: torch.device | str | None = None
+) -> tuple[Tensor, Tensor]:
     """Flatten per-image matches into ``(batch_idx, query_idx)`` for indexing (B, Q, ...) predictions.
 
     ``outputs["pred_boxes"][matched_query_index(indices)]`` gives the M matched boxes, in the order of
@@ -247,11 +283,10 @@ def matched_query_index(indices: Indices, *, device: torch.device | str | None =
 def sigmoid_focal_loss(
     logits: Tensor, targets: Tensor, num_boxes: float, *, alpha: float = 0.25, gamma: float = 2.0
 ) -> Tensor:
-    """Sigmoid focal loss (Lin et al. 2017, "Focal Loss for Dense Object Detection", Eq. 5), summed and divided
-    by ``num_boxes``.
+    """Sigmoid focal loss, summed and divided by ``num_boxes``.
 
-    Official Deformable DETR computes ``loss.mean(1).sum() / num_boxes`` and multiplies by Q: the same as summing
-    over all queries and classes.
+    Lin et al. 2017, "Focal Loss for Dense Object Detection", Eq. 5. Official Deformable DETR computes
+    ``loss.mean(1).sum() / num_boxes`` and multiplies by Q: the same as summing over queries and classes.
 
     Args:
         logits: (B, Q, K).

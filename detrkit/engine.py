@@ -658,7 +658,7 @@ class Trainer:
                     self.scaler.scale(loss / t.grad_accum_steps).backward()
                 else:
                     poisoned = True
-            accum.append({k: float(v) for k, v in losses.items() if v.dim() == 0})
+            accum.append({k: float(v.detach()) for k, v in losses.items() if v.dim() == 0})
             s.batches_done += 1
             images += batch.pixel_values.shape[0] * dist.world_size()
             if not last_micro:

@@ -191,14 +191,16 @@ class CocoEvaluator:
     def _evaluate(self) -> dict[str, float]:
         with _gc_paused():
             results = self.results()
-        _warn_unknown_categories(results, self._gt)
-        image_ids = None if self.all_images else sorted(self._predictions)
-        return _evaluate(self._gt, results, image_ids=image_ids, backend=self.backend, verbose=self.verbose)
+            _warn_unknown_categories(results, self._gt)
+            image_ids = None if self.all_images else sorted(self._predictions)
+            return _evaluate(
+                self._gt, results, image_ids=image_ids, backend=self.backend, verbose=self.verbose
+            )
 
 
 def evaluate_results_file(
     ann_file: str | os.PathLike | Mapping[str, Any],
-    results_json: str | os.PathLike | Sequence[Mapping[str, Any]],
+    results_json: str | os.PathLike | list[Mapping[str, Any]],
     *,
     backend: Backend = "faster",
     verbose: bool = False,
@@ -222,17 +224,18 @@ def evaluate_results_file(
     """
     _check_backend(backend)
     gt = _normalise_gt(_load_gt(ann_file))
-    source = os.fspath(results_json) if isinstance(results_json, (str, os.PathLike)) else "results"
-    if isinstance(results_json, (str, os.PathLike)):
-        with open(results_json) as f:
-            raw = json.load(f)
-    else:
-        raw = results_json
-    results = _validate_results(raw, source=source, image_ids={img["id"] for img in gt["images"]})
-    _warn_unknown_categories(results, gt)
-    # A results file does not say which images were run (those without detections are absent), so the whole
-    # annotation set is scored, as the COCO evaluation server does.
-    return _evaluate(gt, results, image_ids=None, backend=backend, verbose=verbose)
+    with _gc_paused():
+        if isinstance(results_json, (str, os.PathLike)):
+            source = os.fspath(results_json)
+            with open(results_json) as f:
+                raw = json.load(f)
+        else:
+            source, raw = "results", results_json
+        results = _validate_results(raw, source=source, image_ids={img["id"] for img in gt["images"]})
+        _warn_unknown_categories(results, gt)
+        # A results file does not say which images were run (those without detections are absent), so the
+        # whole annotation set is scored, as the COCO evaluation server does.
+        return _evaluate(gt, results, image_ids=None, backend=backend, verbose=verbose)
 
 
 def write_metrics(metrics: Mapping[str, float], path: str | os.PathLike) -> Path:
@@ -351,8 +354,11 @@ def _convert_prediction(prediction: Mapping[str, Any], image_id: int) -> _Detect
             f"image {image_id}: expected boxes (n, 4), scores (n,), labels (n,); "
             f"got {tuple(boxes.shape)}, {tuple(scores.shape)}, {tuple(labels.shape)}"
         )
-    if not np.issubdtype(boxes.dtype, np.floating):
-        boxes = boxes.astype(np.float64)
+    if boxes.dtype not in (np.float32, np.float64):
+        boxes = boxes.astype(np.float32 if boxes.dtype == np.float16 else np.float64)
+    if not (np.isfinite(boxes).all() and np.isfinite(scores.astype(np.float64)).all()):
+        # COCOeval would sort and match NaNs in an order of its own; a non-finite output is a bug upstream.
+        raise ValueError(f"image {image_id}: boxes and scores must be finite")
     # Width and height are taken in the boxes' own precision, as the official DETR's convert_to_xywh does on
     # its float32 tensors, so that the same model gives the same numbers here as there.
     xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
@@ -440,9 +446,8 @@ def _evaluate_faster(
 
     printer: Callable[..., None] = print if verbose else _ignore
     with _quiet(verbose):
-        coco_gt = COCO(
-            gt, print_function=printer
-        )  # copies the top-level dict; the records are ours to change
+        # COCO() copies only the top-level dict and writes into the records: they are our private copy.
+        coco_gt = COCO(gt, print_function=printer)
         coco_dt = coco_gt.loadRes(results)  # handles [] itself
         coco_eval = COCOeval_faster(coco_gt, coco_dt, iouType="bbox", print_function=printer)
         if image_ids is not None:
@@ -493,10 +498,10 @@ def _evaluate_pycocotools(
 def _gc_paused() -> Iterator[None]:
     """Pause CPython's cyclic garbage collector while the evaluation builds its records.
 
-    An evaluation creates millions of small dicts and lists (a record per detection, the libraries' indexes) that
-    all live until it ends; each collection of the oldest generation walks all of them again, which on 500k
-    detections cost more than the evaluation's own C++ (12 s instead of 6.5 s). Nothing here creates reference
-    cycles, so there is nothing to collect; the collector is switched back on as it was, even on errors.
+    An evaluation creates millions of small dicts and lists (a record per detection, the libraries' indexes)
+    that all live until it ends, and every collection of the oldest generation walks all of them again: on
+    500k detections that took about 3 s of faster-coco-eval's 9. Nothing here creates reference cycles, so
+    there is nothing to collect; the collector is switched back on as it was, even on errors.
     """
     was_enabled = gc.isenabled()
     gc.disable()
@@ -541,7 +546,7 @@ def _on_rank0_and_broadcast(compute: Callable[[], dict[str, float]]) -> dict[str
     if rank == 0:
         try:
             payload[0] = ("ok", compute())
-        except Exception as e:  # noqa: BLE001 - re-raised below after the other ranks are told
+        except Exception as e:  # re-raised below, once the other ranks are told
             error = e
             payload[0] = ("error", f"{type(e).__name__}: {e}")
     torch.distributed.broadcast_object_list(payload, src=0)

@@ -1,18 +1,20 @@
 """Hungarian matching between a DETR's queries and the ground-truth boxes of each image.
 
-Carion et al. 2020, "End-to-End Object Detection with Transformers", Sec. 3.1 and Eq. 1: the set loss needs the
-one-to-one assignment of queries to targets with the lowest total cost, where the pair cost is a weighted sum of a
-class cost, the L1 distance of the (normalised cxcywh) boxes and the negative generalised IoU. Queries left over are
-"no object". Deformable DETR (Zhu et al. 2021) swaps the softmax class cost for a sigmoid focal one (``focal=True``).
+Carion et al. 2020, "End-to-End Object Detection with Transformers", Sec. 3.1 and Eq. 1: the set loss needs
+the one-to-one assignment of queries to targets with the lowest total cost, where the pair cost is a weighted
+sum of a class cost, the L1 distance of the (normalised cxcywh) boxes and the negative generalised IoU.
+Queries left over are "no object". Deformable DETR (Zhu et al. 2021) swaps the softmax class cost for a
+sigmoid focal one (``focal=True``).
 
-Tensors: B batch, Q queries, C class logits (K+1 softmax with no-object last, or K for focal), N_b targets of image b,
-T = Σ N_b targets in the batch.
+Tensors: B batch, Q queries, C class logits (K+1 softmax with no-object last, or K for focal), N_b targets of
+image b, T = Σ N_b targets in the batch.
 
-Speed. The official code (and transformers) builds one (B·Q) × T cost matrix over the whole batch and throws away
-all but its B diagonal blocks: B times the work needed. Here each target is paired only with the Q queries of its own
-image: the queries are gathered per target, which computes exactly the B blocks, stacked as one (T, Q) tensor, with a
-fixed number of tensor operations whatever B is (no Python loop over images on the device). The (T, Q) tensor goes to
-the CPU in one transfer; only ``scipy.optimize.linear_sum_assignment`` runs per image.
+Speed. The official code (and transformers) builds one (B·Q) × T cost matrix over the whole batch and throws
+away all but its B diagonal blocks: B times the work needed. Here each target is paired only with the Q
+queries of its own image: the queries are gathered per target, which computes exactly the B blocks, stacked as
+one (T, Q) tensor, with a fixed number of tensor operations whatever B is (no Python loop over images on the
+device). The (T, Q) tensor goes to the CPU in one transfer; only ``scipy.optimize.linear_sum_assignment`` runs
+per image.
 """
 
 from __future__ import annotations
@@ -24,7 +26,15 @@ from torch import Tensor, nn
 
 from detrkit.box_ops import box_cxcywh_to_xyxy, elementwise_generalized_box_iou
 
-__all__ = ["HungarianMatcher"]
+__all__ = ["HungarianMatcher", "NonFiniteCostError"]
+
+
+class NonFiniteCostError(ValueError):
+    """The matching cost has NaN or inf entries: the predictions (or targets) are not finite.
+
+    A ``ValueError`` with its own type so that a training loop can treat it like a non-finite loss (skip the
+    step) instead of crashing on it.
+    """
 
 
 class HungarianMatcher(nn.Module):
@@ -34,8 +44,8 @@ class HungarianMatcher(nn.Module):
         cost_class: weight of the class cost (DETR 1; Deformable / Conditional DETR 2).
         cost_bbox: weight of the L1 distance between normalised cxcywh boxes (5 in the papers).
         cost_giou: weight of the negative generalised IoU (2 in the papers).
-        focal: use the sigmoid focal class cost of Deformable DETR on (B, Q, K) logits instead of the softmax one on
-            (B, Q, K+1) logits.
+        focal: use the sigmoid focal class cost of Deformable DETR on (B, Q, K) logits instead of the softmax
+            one on (B, Q, K+1) logits.
         focal_alpha: focal cost's alpha (only with ``focal``).
         focal_gamma: focal cost's gamma (only with ``focal``).
     """
@@ -56,8 +66,8 @@ class HungarianMatcher(nn.Module):
             raise ValueError(f"HungarianMatcher cost weights must be >= 0, got {weights}")
         if all(w == 0 for w in weights.values()):
             raise ValueError(
-                "HungarianMatcher needs at least one non-zero cost weight (cost_class, cost_bbox, cost_giou): "
-                "with all three 0 every assignment costs the same"
+                "HungarianMatcher needs at least one non-zero cost weight (cost_class, cost_bbox, "
+                "cost_giou): with all three 0 every assignment costs the same"
             )
         self.cost_class = float(cost_class)
         self.cost_bbox = float(cost_bbox)
@@ -67,26 +77,33 @@ class HungarianMatcher(nn.Module):
         self.focal_gamma = float(focal_gamma)
 
     def extra_repr(self) -> str:
-        s = f"cost_class={self.cost_class}, cost_bbox={self.cost_bbox}, cost_giou={self.cost_giou}, focal={self.focal}"
-        return s + (f", focal_alpha={self.focal_alpha}, focal_gamma={self.focal_gamma}" if self.focal else "")
+        s = f"cost_class={self.cost_class}, cost_bbox={self.cost_bbox}, cost_giou={self.cost_giou}"
+        if self.focal:
+            return s + f", focal=True, focal_alpha={self.focal_alpha}, focal_gamma={self.focal_gamma}"
+        return s
 
     @torch.no_grad()
-    def forward(self, outputs: dict[str, Tensor], targets: list[dict[str, Tensor]]) -> list[tuple[Tensor, Tensor]]:
+    def forward(
+        self, outputs: dict[str, Tensor], targets: list[dict[str, Tensor]]
+    ) -> list[tuple[Tensor, Tensor]]:
         """Match each image's queries to its targets.
 
         Args:
-            outputs: ``pred_logits`` (B, Q, C) and ``pred_boxes`` (B, Q, 4) normalised cxcywh; other keys ignored.
-            targets: B dicts with ``labels`` (N_b,) int64 contiguous labels and ``boxes`` (N_b, 4) normalised cxcywh.
+            outputs: ``pred_logits`` (B, Q, C), ``pred_boxes`` (B, Q, 4) normalised cxcywh; others ignored.
+            targets: B dicts with ``labels`` (N_b,) int64 contiguous labels and ``boxes`` (N_b, 4) normalised
+                cxcywh.
 
         Returns:
-            B pairs ``(pred_idx, tgt_idx)`` of int64 CPU tensors of length min(Q, N_b): query ``pred_idx[i]`` is
-            matched to target ``tgt_idx[i]``; ``pred_idx`` ascending, as ``linear_sum_assignment`` returns it in
-            official DETR. Images without targets get two empty tensors.
+            B pairs ``(pred_idx, tgt_idx)`` of int64 CPU tensors of length min(Q, N_b): query ``pred_idx[i]``
+            is matched to target ``tgt_idx[i]``; ``pred_idx`` ascending, as ``linear_sum_assignment``
+            returns it in official DETR. Images without targets get two empty tensors.
         """
         logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
         batch_size, num_queries, num_logits = logits.shape
         if len(targets) != batch_size:
-            raise ValueError(f"HungarianMatcher got {len(targets)} targets for a batch of {batch_size} images")
+            raise ValueError(
+                f"HungarianMatcher got {len(targets)} targets for a batch of {batch_size} images"
+            )
         sizes = [len(t["labels"]) for t in targets]
         if sum(sizes) == 0 or num_queries == 0:
             return [(_empty_index(), _empty_index()) for _ in sizes]
@@ -95,12 +112,13 @@ class HungarianMatcher(nn.Module):
         labels = torch.cat([t["labels"] for t in targets]).to(device)  # (T,)
         tgt_boxes = torch.cat([t["boxes"] for t in targets]).to(device, torch.float32)  # (T, 4)
         self._check_labels(labels, num_logits)
-        # image[t] = index of the image target t belongs to: target t is compared with that image's queries only.
-        image = torch.repeat_interleave(torch.tensor(sizes)).to(device)  # (T,)
+        # image[t]: the image of target t, whose queries are the only ones target t is compared with.
+        image = torch.from_numpy(np.repeat(np.arange(batch_size, dtype=np.int64), sizes)).to(device)  # (T,)
 
         cost = self._pair_costs(logits, boxes, image, labels, tgt_boxes)  # (T, Q)
         # One device -> host transfer for the whole batch; rows [start, start + N_b) are image b's block.
-        cost_np = cost.cpu().numpy()
+        # float64 is what scipy solves in: converted once here rather than once per image.
+        cost_np = cost.to("cpu", torch.float64).numpy()
         if not np.isfinite(cost_np).all():
             raise self._non_finite_error(cost_np, sizes, logits, boxes, tgt_boxes)
 
@@ -110,14 +128,18 @@ class HungarianMatcher(nn.Module):
             if n == 0:
                 indices.append((_empty_index(), _empty_index()))
                 continue
-            # Solve the (Q, N_b) problem as official DETR does, so ties resolve the same way; the transposed view
-            # costs nothing here (scipy copies to contiguous float64 in any case).
-            pred_idx, tgt_idx = linear_sum_assignment(cost_np[start : start + n].T)
+            # Official DETR solves the (Q, N_b) matrix; scipy solves a tall matrix by transposing it to the
+            # wide one and sorting the result by column. Doing that here on the contiguous (N_b, Q) block
+            # skips scipy's transposed copy and gives the same indices, ties included.
+            tgt_idx, pred_idx = linear_sum_assignment(cost_np[start : start + n])
             start += n
-            indices.append((torch.as_tensor(pred_idx, dtype=torch.int64), torch.as_tensor(tgt_idx, dtype=torch.int64)))
+            order = pred_idx.argsort()
+            indices.append((torch.from_numpy(pred_idx[order]), torch.from_numpy(tgt_idx[order])))
         return indices
 
-    def _pair_costs(self, logits: Tensor, boxes: Tensor, image: Tensor, labels: Tensor, tgt_boxes: Tensor) -> Tensor:
+    def _pair_costs(
+        self, logits: Tensor, boxes: Tensor, image: Tensor, labels: Tensor, tgt_boxes: Tensor
+    ) -> Tensor:
         """Weighted matching cost of every target against every query of its own image -> (T, Q), float32.
 
         Terms with weight 0 are skipped (also so that a NaN in an unused term cannot poison the cost).
@@ -130,23 +152,25 @@ class HungarianMatcher(nn.Module):
 
         if self.cost_class:
             if self.focal:
-                # Deformable DETR's matcher: focal loss of the positive minus that of the negative at the target's
-                # class. Gathered first: only T·Q of the B·Q·K sigmoids are needed.
+                # Deformable DETR's matcher: focal loss of the positive minus that of the negative at the
+                # target's class. Gathered first: only T·Q of the B·Q·K sigmoids are needed.
                 prob = logits[image, :, labels].float().sigmoid()  # (T, Q)
                 alpha, gamma = self.focal_alpha, self.focal_gamma
                 neg = (1 - alpha) * prob.pow(gamma) * -(1 - prob + 1e-8).log()
                 pos = alpha * (1 - prob).pow(gamma) * -(prob + 1e-8).log()
                 add(pos - neg, self.cost_class)
             else:
-                # DETR approximates the NLL by 1 - prob[target class]; the constant 1 does not change the matching.
+                # DETR approximates the NLL by 1 - prob[target class]; the constant 1 changes no matching.
                 prob = logits.float().softmax(-1)  # (B, Q, K+1)
                 add(-prob[image, :, labels], self.cost_class)  # (T, Q)
         if self.cost_bbox or self.cost_giou:
-            # Coordinate planes, (8, T, Q): cxcywh then xyxy of the queries of each target's image. Planes keep every
-            # elementwise operation on contiguous (T, Q) rows; slicing (T, Q, 4) boxes is several times slower.
-            pred = torch.cat([boxes, box_cxcywh_to_xyxy(boxes)], dim=-1).float().permute(2, 0, 1)  # (8, B, Q)
-            pred = pred.contiguous().index_select(1, image)  # (8, T, Q)
-            tgt = torch.cat([tgt_boxes, box_cxcywh_to_xyxy(tgt_boxes)], dim=-1).t()[:, :, None]  # (8, T, 1)
+            # Coordinate planes, (8, T, Q): cxcywh then xyxy of the queries of each target's image. Planes
+            # keep every elementwise operation on contiguous (T, Q) rows; slicing (T, Q, 4) boxes is several
+            # times slower.
+            pred = boxes.float().permute(2, 0, 1).contiguous()  # (4, B, Q)
+            pred = torch.cat([pred, box_cxcywh_to_xyxy(pred, dim=0)]).index_select(1, image)  # (8, T, Q)
+            tgt = tgt_boxes.t()  # (4, T)
+            tgt = torch.cat([tgt, box_cxcywh_to_xyxy(tgt, dim=0)])[:, :, None]  # (8, T, 1)
             if self.cost_bbox:
                 add((pred[:4] - tgt[:4]).abs_().sum(0), self.cost_bbox)  # (T, Q) L1, as torch.cdist(p=1)
             if self.cost_giou:
@@ -156,31 +180,34 @@ class HungarianMatcher(nn.Module):
         return cost
 
     def _check_labels(self, labels: Tensor, num_logits: int) -> None:
-        # An out-of-range label would index past the logits (a device-side assert on CUDA), and in softmax mode the
-        # no-object index would be silently accepted as a class. One small transfer, before the cost kernels.
+        # An out-of-range label would index past the logits (a device-side assert on CUDA), and in softmax
+        # mode the no-object index would be silently accepted as a class. One small transfer, before the cost
+        # kernels.
         num_classes = num_logits if self.focal else num_logits - 1
         low, high = torch.stack(labels.aminmax()).tolist()
         if low < 0 or high >= num_classes:
             mode = "focal: K logits" if self.focal else "softmax: K+1 logits, the last one no-object"
             raise ValueError(
-                f"HungarianMatcher: target labels must lie in [0, {num_classes}) for pred_logits with {num_logits} "
-                f"classes ({mode}); got labels in [{low}, {high}]"
+                f"HungarianMatcher: target labels must lie in [0, {num_classes}) for pred_logits with "
+                f"{num_logits} classes ({mode}); got labels in [{low}, {high}]"
             )
 
     @staticmethod
     def _non_finite_error(
         cost: np.ndarray, sizes: list[int], logits: Tensor, boxes: Tensor, tgt_boxes: Tensor
-    ) -> ValueError:
+    ) -> NonFiniteCostError:
         # Only built on the failure path: says where the NaN/inf came from instead of scipy's "matrix contains
-        # invalid numeric entries". (transformers replaces them by the largest float, which hides a diverged model.)
+        # invalid numeric entries". (transformers replaces them by the largest float, which hides a diverged
+        # model.)
         bad_rows = ~np.isfinite(cost).all(axis=1)
         bad_images = sorted({int(b) for b in np.repeat(np.arange(len(sizes)), sizes)[bad_rows]})
-        return ValueError(
+        return NonFiniteCostError(
             f"HungarianMatcher: the matching cost has NaN or inf entries for images {bad_images}. "
-            f"pred_logits finite: {bool(torch.isfinite(logits).all())}, pred_boxes finite: "
-            f"{bool(torch.isfinite(boxes).all())}, target boxes finite: {bool(torch.isfinite(tgt_boxes).all())}. "
-            "Non-finite predictions mean the model has diverged (lower the learning rate, clip gradients, or check "
-            "the inputs); non-finite targets mean the data pipeline produced invalid boxes."
+            f"pred_logits finite: {bool(torch.isfinite(logits).all())}, "
+            f"pred_boxes finite: {bool(torch.isfinite(boxes).all())}, "
+            f"target boxes finite: {bool(torch.isfinite(tgt_boxes).all())}. Non-finite predictions mean the "
+            "model has diverged (lower the learning rate, clip gradients, or check the inputs); non-finite "
+            "targets mean the data pipeline produced invalid boxes."
         )
 
 

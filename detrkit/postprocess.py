@@ -1,9 +1,9 @@
 """From a DETR's raw outputs to detections in the dataset's category ids and the original image's pixels.
 
-Softmax models (DETR): a query's score is its best real-class probability, the no-object class excluded (official
-DETR ``PostProcess``). Sigmoid models (Deformable / Conditional DETR): the top ``top_k`` (query, class) pairs over
-all Q·K sigmoid scores, so one query may give several detections with different classes (official Deformable DETR
-``PostProcess``).
+Softmax models (DETR): a query's score is its best real-class probability, the no-object class excluded
+(official DETR ``PostProcess``). Sigmoid models (Deformable / Conditional DETR): the top ``top_k`` (query,
+class) pairs over all Q·K sigmoid scores, so one query may give several detections with different classes
+(official Deformable DETR ``PostProcess``).
 
 Tensors: B batch, Q queries, K classes, n detections kept for an image.
 """
@@ -32,18 +32,18 @@ def postprocess(
     """Turn model outputs into per-image detections.
 
     Args:
-        outputs: ``pred_logits`` (B, Q, K+1), or (B, Q, K) with ``focal``, and ``pred_boxes`` (B, Q, 4) normalised
-            cxcywh relative to the unpadded image.
+        outputs: ``pred_logits`` (B, Q, K+1), or (B, Q, K) with ``focal``, and ``pred_boxes`` (B, Q, 4)
+            normalised cxcywh relative to the unpadded image.
         orig_sizes: (B, 2) [h, w] of the original images, in pixels.
         label_map: maps contiguous labels to dataset category ids; ``None`` returns the contiguous labels.
         threshold: keep detections with a score strictly above it.
-        top_k: at most this many detections per image (softmax: the best queries; focal: the best (query, class)
-            pairs).
+        top_k: at most this many detections per image (softmax: the best queries; focal: the best
+            (query, class) pairs).
         focal: sigmoid scores over K classes instead of a softmax over K+1.
 
     Returns:
-        B dicts with ``scores`` (n,), ``labels`` (n,) int64 category ids and ``boxes`` (n, 4) absolute xyxy pixels
-        of the original image, clamped to it; sorted by score, best first.
+        B dicts with ``scores`` (n,), ``labels`` (n,) int64 category ids and ``boxes`` (n, 4) absolute xyxy
+        pixels of the original image, clamped to it; sorted by score, best first.
     """
     logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
     batch, num_queries, num_logits = logits.shape

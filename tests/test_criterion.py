@@ -30,13 +30,17 @@ def make_batch(
     for n in num_targets:
         cxcy = 0.2 + 0.6 * torch.rand(n, 2, generator=g)
         wh = 0.05 + 0.3 * torch.rand(n, 2, generator=g)
-        targets.append({"labels": torch.randint(0, K, (n,), generator=g), "boxes": torch.cat([cxcy, wh], dim=1)})
+        targets.append(
+            {"labels": torch.randint(0, K, (n,), generator=g), "boxes": torch.cat([cxcy, wh], dim=1)}
+        )
     return outputs, targets
 
 
 def make_criterion(focal: bool = False, **kwargs) -> SetCriterion:
     matcher = HungarianMatcher(cost_class=2.0 if focal else 1.0, focal=focal)
-    return SetCriterion(num_classes=K, matcher=matcher, focal=focal, weight_ce=2.0 if focal else 1.0, **kwargs)
+    return SetCriterion(
+        num_classes=K, matcher=matcher, focal=focal, weight_ce=2.0 if focal else 1.0, **kwargs
+    )
 
 
 def weighted_total(losses: dict, criterion: SetCriterion, prefix: str = "") -> torch.Tensor:
@@ -111,7 +115,9 @@ def test_enc_outputs_matched_class_agnostically():
     alone = criterion(enc, agnostic)
     for k in ("loss_ce", "loss_bbox", "loss_giou"):
         torch.testing.assert_close(losses[f"enc/{k}"], alone[k])
-    torch.testing.assert_close(losses["loss"], weighted_total(losses, criterion) + weighted_total(losses, criterion, "enc/"))
+    torch.testing.assert_close(
+        losses["loss"], weighted_total(losses, criterion) + weighted_total(losses, criterion, "enc/")
+    )
 
 
 def test_degenerate_predicted_boxes_give_finite_loss_and_gradients():
@@ -139,7 +145,8 @@ def test_eos_weighting_hand_computed():
     # Query 0 -> no-object (index 2, weight 0.1), query 1 -> class 0 (weight 1); weighted mean.
     expected = (0.1 * nll([1.0, 2.0, 0.5], 2) + 1.0 * nll([0.3, -1.0, 2.0], 0)) / (0.1 + 1.0)
     assert losses["loss_ce"].item() == pytest.approx(expected, rel=1e-6)
-    # Query 1 predicts no-object (2.0 is its largest logit), query 0 predicts class 1: 1 predicted object, 1 target.
+    # Query 1 predicts no-object (2.0 is its largest logit), query 0 predicts class 1: 1 predicted object, 1
+    # target.
     assert losses["class_error"].item() == 100 and losses["cardinality_error"].item() == 0
 
 
@@ -151,7 +158,9 @@ def test_focal_loss_follows_official_formula():
     logits = outputs["pred_logits"]
     onehot = torch.zeros_like(logits)
     batch_idx, query_idx = matched_query_index(indices)
-    onehot[batch_idx, query_idx, torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])] = 1
+    onehot[
+        batch_idx, query_idx, torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices, strict=True)])
+    ] = 1
     prob = logits.sigmoid()
     ce = F.binary_cross_entropy_with_logits(logits, onehot, reduction="none")
     p_t = prob * onehot + (1 - prob) * (1 - onehot)
@@ -188,7 +197,9 @@ def test_same_losses_as_transformers(focal):
     theirs_outputs = {
         "logits": outputs["pred_logits"],
         "pred_boxes": outputs["pred_boxes"],
-        "auxiliary_outputs": [{"logits": a["pred_logits"], "pred_boxes": a["pred_boxes"]} for a in outputs["aux_outputs"]],
+        "auxiliary_outputs": [
+            {"logits": a["pred_logits"], "pred_boxes": a["pred_boxes"]} for a in outputs["aux_outputs"]
+        ],
     }
     theirs_targets = [{"class_labels": t["labels"], "boxes": t["boxes"]} for t in targets]
     if focal:
@@ -204,3 +215,20 @@ def test_same_losses_as_transformers(focal):
         torch.testing.assert_close(ours[f"aux/0/{k}"], expected[f"{k}_0"])
     if not focal:  # (Deformable DETR's cardinality counts queries whose argmax is not the last real class)
         torch.testing.assert_close(ours["cardinality_error"], expected["cardinality_error"])
+
+
+def test_num_boxes_averaged_over_processes(tmp_path):
+    # A one-process group runs the all_reduce path; the loss must equal the one without a process group.
+    dist = torch.distributed
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    outputs, targets = make_batch([2, 3])
+    criterion = make_criterion()
+    expected = criterion(outputs, targets)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        losses = criterion(outputs, targets)
+    finally:
+        dist.destroy_process_group()
+    for k in ("loss", "loss_bbox", "loss_giou"):
+        torch.testing.assert_close(losses[k], expected[k])

@@ -419,10 +419,17 @@ def _distributed_worker(
         evaluator = CocoEvaluator(gt_path)
         for image_id, prediction in shards[rank]:
             evaluator.update({image_id: prediction})
-        metrics = evaluator.summarize()
-        Path(out_dir, f"rank{rank}.json").write_text(
-            json.dumps({"metrics": metrics, "ids": evaluator.image_ids})
-        )
+        out = {"metrics": evaluator.summarize(), "ids": evaluator.image_ids}
+
+        # A failure on rank 0 reaches every rank instead of leaving the others waiting for the broadcast.
+        failing = CocoEvaluator(gt_path)
+        if rank == 0:
+            failing._evaluate = lambda: 1 / 0  # type: ignore[method-assign]
+        try:
+            failing.summarize()
+        except (ZeroDivisionError, RuntimeError) as e:
+            out["error"] = f"{type(e).__name__}: {e}"
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(out))
     finally:
         torch.distributed.destroy_process_group()
 
@@ -449,10 +456,15 @@ def test_distributed_two_processes_match_single_process(tmp_path: Path, gt_file:
     single = CocoEvaluator(gt_file)
     single.update(predictions)
     expected = single.summarize()
-    for rank in range(2):
-        out = json.loads(Path(tmp_path, f"rank{rank}.json").read_text())
+    outs = [json.loads(Path(tmp_path, f"rank{rank}.json").read_text()) for rank in range(2)]
+    for out in outs:
         assert out["ids"] == sorted(updated)
         assert out["metrics"] == expected  # the very same floats on every rank
+    assert outs[0]["error"] == "ZeroDivisionError: division by zero"
+    assert (
+        outs[1]["error"]
+        == "RuntimeError: COCO evaluation failed on rank 0: ZeroDivisionError: division by zero"
+    )
 
 
 @pytest.fixture(autouse=True)

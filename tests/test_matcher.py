@@ -2,9 +2,10 @@ import itertools
 
 import pytest
 import torch
+from scipy.optimize import linear_sum_assignment
 
 from detrkit.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
-from detrkit.matcher import HungarianMatcher
+from detrkit.matcher import HungarianMatcher, NonFiniteCostError
 
 
 def random_case(
@@ -21,12 +22,17 @@ def random_case(
         cxcy = 0.2 + 0.6 * torch.rand(n, 2, generator=g)
         wh = 0.05 + 0.3 * torch.rand(n, 2, generator=g)
         targets.append(
-            {"labels": torch.randint(0, num_classes, (n,), generator=g), "boxes": torch.cat([cxcy, wh], dim=1)}
+            {
+                "labels": torch.randint(0, num_classes, (n,), generator=g),
+                "boxes": torch.cat([cxcy, wh], dim=1),
+            }
         )
     return outputs, targets
 
 
-def reference_cost(logits, boxes, labels, tgt_boxes, *, focal, weights=(1.0, 5.0, 2.0), alpha=0.25, gamma=2.0):
+def reference_cost(
+    logits, boxes, labels, tgt_boxes, *, focal, weights=(1.0, 5.0, 2.0), alpha=0.25, gamma=2.0
+):
     """One image's (Q, N) cost written as in the official DETR / Deformable DETR matchers."""
     if focal:
         prob = logits.sigmoid()
@@ -107,7 +113,12 @@ def test_single_cost_terms(weights):
     for b, (pred_idx, tgt_idx) in enumerate(matcher(outputs, targets)):
         t = targets[b]
         cost = reference_cost(
-            outputs["pred_logits"][b], outputs["pred_boxes"][b], t["labels"], t["boxes"], focal=False, weights=weights
+            outputs["pred_logits"][b],
+            outputs["pred_boxes"][b],
+            t["labels"],
+            t["boxes"],
+            focal=False,
+            weights=weights,
         )
         assert cost[pred_idx, tgt_idx].sum().item() == pytest.approx(brute_force_min(cost), abs=1e-5)
 
@@ -116,7 +127,9 @@ def test_single_cost_terms(weights):
 def test_non_finite_predictions_give_a_clear_error(key):
     outputs, targets = random_case(3, 5, [2, 2, 0], focal=False, seed=8)
     outputs[key][1, 0, 0] = float("nan") if key == "pred_logits" else float("inf")
-    with pytest.raises(ValueError, match=rf"NaN or inf entries for images \[1\].*{key} finite: False"):
+    with pytest.raises(
+        NonFiniteCostError, match=rf"NaN or inf entries for images \[1\].*{key} finite: False"
+    ):
         HungarianMatcher()(outputs, targets)
 
 
@@ -150,3 +163,24 @@ def test_same_assignment_as_transformers(focal):
     )
     for (p, t), (ep, et) in zip(ours(outputs, targets), expected, strict=True):
         assert torch.equal(p, ep) and torch.equal(t, et)
+
+
+@pytest.mark.parametrize("num_queries", [6, 2])
+def test_ties_resolve_as_official_detr(num_queries):
+    # Identical queries and duplicated targets make many assignments equally good; the indices must still be
+    # those of linear_sum_assignment on official DETR's (Q, N) matrix.
+    outputs, targets = random_case(1, num_queries, [4], focal=False, seed=12)
+    outputs["pred_logits"][:] = outputs["pred_logits"][:, :1].clone()
+    outputs["pred_boxes"][:, ::2] = outputs["pred_boxes"][:, :1].clone()
+    targets[0]["boxes"][2:] = targets[0]["boxes"][:2].clone()
+    targets[0]["labels"][2:] = targets[0]["labels"][:2].clone()
+    ((pred_idx, tgt_idx),) = HungarianMatcher()(outputs, targets)
+    cost = reference_cost(
+        outputs["pred_logits"][0],
+        outputs["pred_boxes"][0],
+        targets[0]["labels"],
+        targets[0]["boxes"],
+        focal=False,
+    )
+    expected_pred, expected_tgt = linear_sum_assignment(cost.numpy())
+    assert pred_idx.tolist() == expected_pred.tolist() and tgt_idx.tolist() == expected_tgt.tolist()

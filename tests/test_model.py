@@ -49,7 +49,10 @@ def test_outputs_do_not_depend_on_batch_padding(backbone):
         xb, mask = _padded_pair(x)
         batched = m(xb, mask)
     for key in ("pred_logits", "pred_boxes"):
-        assert torch.allclose(alone[key][0], batched[key][0], atol=1e-4), (key, (alone[key][0] - batched[key][0]).abs().max())
+        assert torch.allclose(alone[key][0], batched[key][0], atol=1e-4), (
+            key,
+            (alone[key][0] - batched[key][0]).abs().max(),
+        )
 
 
 def test_reference_backbone_mode_does_depend_on_padding():
@@ -73,16 +76,23 @@ def test_gradients_reach_every_trainable_parameter():
     loss = out["pred_logits"].sum() + out["pred_boxes"].sum()
     loss = loss + sum(a["pred_logits"].sum() + a["pred_boxes"].sum() for a in out["aux_outputs"])
     loss.backward()
-    missing = [n for n, p in m.named_parameters() if p.requires_grad and (p.grad is None or p.grad.abs().sum() == 0)]
+    missing = [
+        n for n, p in m.named_parameters() if p.requires_grad and (p.grad is None or p.grad.abs().sum() == 0)
+    ]
     # The first decoder layer's input is all zeros (paper, A.3): its self-attention values are all equal, so the
     # query/key projections and the value weight get no gradient there, in the official DETR as here.
-    inert = {f"transformer.decoder.0.self_attn.{p}" for p in ("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias", "v_proj.weight")}
+    inert = {
+        f"transformer.decoder.0.self_attn.{p}"
+        for p in ("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias", "v_proj.weight")
+    }
     assert set(missing) <= inert, set(missing) - inert
 
 
 def test_trainable_stages_freeze_the_rest():
     m = tiny_model(trainable_stages=3)
-    trainable = {n.split(".")[2] for n, p in m.named_parameters() if n.startswith("backbone.") and p.requires_grad}
+    trainable = {
+        n.split(".")[2] for n, p in m.named_parameters() if n.startswith("backbone.") and p.requires_grad
+    }
     assert trainable == {"layer2", "layer3", "layer4"}
     assert not any(p.requires_grad for p in tiny_model(trainable_stages=0).backbone.parameters())
 
@@ -156,7 +166,13 @@ def test_predict_accepts_paths_pil_tensors_and_arrays(tmp_path):
     rgb = np.random.default_rng(0).integers(0, 255, size=(50, 70, 3), dtype=np.uint8)
     Image.fromarray(rgb).save(tmp_path / "x.png")
     Image.fromarray(rgb[..., 0]).save(tmp_path / "gray.png")
-    inputs = [tmp_path / "x.png", str(tmp_path / "gray.png"), Image.fromarray(rgb), torch.from_numpy(rgb).permute(2, 0, 1), rgb]
+    inputs = [
+        tmp_path / "x.png",
+        str(tmp_path / "gray.png"),
+        Image.fromarray(rgb),
+        torch.from_numpy(rgb).permute(2, 0, 1),
+        rgb,
+    ]
     dets = m.predict(inputs, threshold=0.0, top_k=5)
     assert len(dets) == 5
     for d in dets:
