@@ -95,14 +95,15 @@ def make_predictions(gt: dict, rng: np.random.Generator) -> dict[int, dict[str, 
         if len(shown):
             from_image = rng.random(m) < 0.5
             noise_cats[from_image] = rng.choice(shown, int(from_image.sum()))
+        boxes = np.concatenate(
+            [np.concatenate([x1y1, x1y1 + wh], 1), np.concatenate([noise_xy, noise_xy + noise_wh], 1)]
+        )
+        scores = np.concatenate([0.3 + 0.7 * rng.random(k), 0.4 * rng.random(m)])
         predictions[img["id"]] = {
-            "boxes": torch.from_numpy(np.concatenate([np.concatenate([x1y1, x1y1 + wh], 1),
-                                                      np.concatenate([noise_xy, noise_xy + noise_wh], 1)]
-                                                     ).astype(np.float32)),
-            "scores": torch.from_numpy(np.concatenate([0.3 + 0.7 * rng.random(k), 0.4 * rng.random(m)])
-                                       .astype(np.float32)),
+            "boxes": torch.from_numpy(boxes.astype(np.float32)),
+            "scores": torch.from_numpy(scores.astype(np.float32)),
             "labels": torch.from_numpy(np.concatenate([cats, noise_cats]).astype(np.int64)),
-        }  # fmt: skip
+        }
     return predictions
 
 

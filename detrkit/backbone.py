@@ -10,7 +10,6 @@ the padded computation equal to the unpadded one, position for position, at a co
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
@@ -115,7 +114,7 @@ class ResNetBackbone(nn.Module):
             if level in self.return_levels:
                 outputs[level] = x
         result = []
-        for level, stride in zip(self.return_levels, self.level_strides):
+        for level, stride in zip(self.return_levels, self.level_strides, strict=True):
             feat = outputs[level]
             if padding_mask is None:
                 level_mask = None

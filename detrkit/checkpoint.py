@@ -60,19 +60,17 @@ def save_pretrained(model: nn.Module, directory: str | Path) -> Path:
     return directory
 
 
-def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read tensors from a ``.safetensors`` file or a torch pickle restricted to tensors (``weights_only``)."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        return load_file(str(path))
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure is reported with the file name
-        raise ValueError(
-            f"cannot load {path} safely: {e}. detrkit only reads tensors (torch.load weights_only=True); "
-            "a checkpoint that needs arbitrary code to load is refused"
-        ) from e
-    return obj
+def _looks_like_hub_id(name: str) -> bool:
+    """``owner/name`` or ``owner/name@revision``, and not a path that merely does not exist yet."""
+    repo = name.partition("@")[0]
+    parts = repo.split("/")
+    return (
+        len(parts) == 2
+        and all(parts)
+        and not name.startswith((".", "/", "~"))
+        and not Path(parts[0]).exists()
+        and Path(repo).suffix == ""
+    )
 
 
 def _is_detrkit_folder(path: Path) -> bool:
@@ -97,10 +95,14 @@ def load(path: str | Path, *, map_location: str | torch.device = "cpu", **overri
         state = load_file(str(p / "model.safetensors"))
     elif p.is_dir() or p.is_file():
         config, state = convert.load_published(p)
-    elif "/" in str(path) and not p.exists() and not str(path).startswith((".", "/")):
-        config, state = convert.load_published(convert.resolve_hub_id(str(path)))
+    elif _looks_like_hub_id(str(path)):
+        repo_id, _, revision = str(path).partition("@")
+        config, state = convert.load_published(convert.resolve_hub_id(repo_id, revision or None))
     else:
-        raise FileNotFoundError(f"no model at {path}: expected a folder, a .pth/.safetensors file or a Hub id")
+        raise FileNotFoundError(
+            f"no model at {path}: expected a detrkit or transformers folder, an official .pth file, "
+            "or a Hub id such as facebook/detr-resnet-50 (optionally @revision)"
+        )
     if overrides:
         config = config.replace(**overrides)
     model = build_model(config)

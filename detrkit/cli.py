@@ -70,7 +70,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         results = [
             {"image_id": i, "category_id": int(c), "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(s)}
             for i, p in predictions.items()
-            for (x1, y1, x2, y2), c, s in zip(p["boxes"].tolist(), p["labels"].tolist(), p["scores"].tolist())
+            for (x1, y1, x2, y2), c, s in zip(
+                p["boxes"].tolist(), p["labels"].tolist(), p["scores"].tolist(), strict=True
+            )
         ]
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(json.dumps(results))
@@ -105,10 +107,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for start in range(0, len(paths), args.batch_size):
         chunk = paths[start : start + args.batch_size]
         dets = model.predict(chunk, threshold=args.threshold, size=args.size, max_size=args.max_size)
-        for path, det in zip(chunk, dets):
+        for path, det in zip(chunk, dets, strict=True):
             save_image(draw_detections(path, det), out / f"{path.stem}.jpg")
             records.append({"image": str(path), "detections": det.to_list()})
-            print(f"{path}: {len(det)} detection(s)" + "".join(f"\n  {d['name']} {d['score']:.2f} {d['box']}" for d in det.to_list()[:10]))
+            print(
+                f"{path}: {len(det)} detection(s)"
+                + "".join(f"\n  {d['name']} {d['score']:.2f} {d['box']}" for d in det.to_list()[:10])
+            )
     (out / "detections.json").write_text(json.dumps(records, indent=1))
     print(f"wrote {out / 'detections.json'} and {len(paths)} image(s) with boxes drawn to {out}")
     return 0

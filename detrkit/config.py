@@ -70,7 +70,9 @@ class ModelConfig:
         if self.class_names is not None:
             object.__setattr__(self, "class_names", tuple(str(n) for n in self.class_names))
             if len(self.class_names) != self.num_classes:
-                raise ValueError(f"class_names has {len(self.class_names)} entries but num_classes is {self.num_classes}")
+                raise ValueError(
+                    f"class_names has {len(self.class_names)} entries but num_classes is {self.num_classes}"
+                )
 
     @property
     def focal(self) -> bool:
@@ -174,7 +176,14 @@ class TrainConfig:
             raise ValueError(f"train.schedule must be 'step' or 'cosine', got {self.schedule!r}")
         if self.amp not in ("none", "bf16", "fp16"):
             raise ValueError(f"train.amp must be 'none', 'bf16' or 'fp16', got {self.amp!r}")
-        for name in ("epochs", "batch_size", "grad_accum_steps", "keep_last", "max_nonfinite_steps", "log_every"):
+        for name in (
+            "epochs",
+            "batch_size",
+            "grad_accum_steps",
+            "keep_last",
+            "max_nonfinite_steps",
+            "log_every",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be ≥ 1, got {getattr(self, name)}")
         if not 0.0 < self.ema_decay < 1.0:
@@ -203,7 +212,10 @@ class RunConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def with_overrides(self, overrides: list[str]) -> RunConfig:
-        """Apply dotted ``key=value`` overrides (values parsed as YAML: ``train.lr=2e-4``, ``data.train_scales=[96,128]``)."""
+        """Apply dotted ``key=value`` overrides; values are parsed as YAML.
+
+        For example ``train.lr=2e-4`` or ``data.train_scales=[96,128]``.
+        """
         import yaml
 
         d = self.to_dict()

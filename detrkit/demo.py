@@ -119,14 +119,18 @@ def run_demo(out_dir: Path = Path("demo_run"), overrides: list[str] | None = Non
     paths = generate_shapes_dataset(out_dir / "data")
     data_overrides = [f"data.{k}={v}" for k, v in paths.items()] + [f"train.output_dir={out_dir / 'run'}"]
     config = load_run_config("demo", data_overrides + list(overrides or []))
-    log.info("demo: synthetic data in %s (%.1f s); training the demo config", out_dir / "data", time.perf_counter() - start)
+    log.info(
+        "demo: synthetic data in %s (%.1f s); training the demo config",
+        out_dir / "data",
+        time.perf_counter() - start,
+    )
     metrics = Trainer(config).fit()
     train_time = time.perf_counter() - start
 
     model = load(Path(config.train.output_dir) / "model")
     val_images = sorted(Path(config.data.val_images).glob("*.png"))[:8]
     pred_dir = Path(config.train.output_dir) / "predictions"
-    for path, det in zip(val_images, model.predict(val_images, threshold=0.5)):
+    for path, det in zip(val_images, model.predict(val_images, threshold=0.5), strict=True):
         save_image(draw_detections(path, det), pred_dir / path.name)
     total = time.perf_counter() - start
     run = Path(config.train.output_dir)

@@ -169,7 +169,11 @@ def build_val_dataset(config: RunConfig) -> CocoDetection | None:
     if not d.val_annotations:
         return None
     _require_files(d.val_images, d.val_annotations, "val")
-    return CocoDetection(d.val_images, d.val_annotations, transforms=eval_transforms(size=d.eval_size, max_size=d.eval_max_size))
+    return CocoDetection(
+        d.val_images,
+        d.val_annotations,
+        transforms=eval_transforms(size=d.eval_size, max_size=d.eval_max_size),
+    )
 
 
 def _require_files(images: str, annotations: str, split: str) -> None:
@@ -237,7 +241,9 @@ def init_from_weights(model_config: ModelConfig, weights: str) -> Detector:
         state.pop(k, None)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or set(missing) - set(reinit):
-        raise ValueError(f"weights {weights} do not fit: missing {sorted(set(missing) - set(reinit))}, unexpected {unexpected}")
+        raise ValueError(
+            f"weights {weights} do not fit: missing {sorted(set(missing) - set(reinit))}, unexpected {unexpected}"
+        )
     if reinit:
         log.warning(
             "fine-tuning from %s: the class head was re-initialised (%s): the weights have %d classes, "
@@ -279,7 +285,11 @@ class Progress:
             elapsed = time.perf_counter() - self.start
             eta = elapsed / self.n * (self.total - self.n)
             log.info(
-                "%s %d/%d  %s  eta %s", self.desc, self.n, self.total, "  ".join(f"{k} {v}" for k, v in text.items()),
+                "%s %d/%d  %s  eta %s",
+                self.desc,
+                self.n,
+                self.total,
+                "  ".join(f"{k} {v}" for k, v in text.items()),
                 _fmt_time(eta),
             )
 
@@ -340,7 +350,9 @@ def evaluate(
         generator=torch.Generator().manual_seed(0),  # keeps the global RNG untouched
     )
     evaluator = CocoEvaluator(dataset.ann_file)
-    bar = Progress(len(loader), desc="eval", every=max(1, len(loader) // 5), enabled=progress and dist.is_main_process())
+    bar = Progress(
+        len(loader), desc="eval", every=max(1, len(loader) // 5), enabled=progress and dist.is_main_process()
+    )
     predictions: dict[int, dict[str, torch.Tensor]] = {}
     for batch in loader:
         batch = batch.to(device)
@@ -348,7 +360,7 @@ def evaluate(
             outputs = model(batch.pixel_values, batch.padding_mask)
         outputs = _to_float(outputs)
         results = model.postprocess(outputs, batch.orig_sizes, threshold=0.0, top_k=100)
-        preds = {int(i): {k: v.cpu() for k, v in r.items()} for i, r in zip(batch.image_ids, results)}
+        preds = {int(i): {k: v.cpu() for k, v in r.items()} for i, r in zip(batch.image_ids, results, strict=True)}
         predictions.update(preds)
         evaluator.update(preds)
         bar.update(1, {})
@@ -452,18 +464,19 @@ class Trainer:
             )
         self.batches_per_epoch = batches - batches % t.grad_accum_steps
         self.steps_per_epoch = self.batches_per_epoch // t.grad_accum_steps
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, config=self.config, steps_per_epoch=self.steps_per_epoch)
-        )
+        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.amp == "fp16" and self.device.type == "cuda")
         if t.amp == "fp16" and self.device.type != "cuda":
             raise ValueError("train.amp=fp16 needs a CUDA device; use train.amp=bf16 on the CPU")
         self.ema = None
         if t.ema:
             self.ema = torch.optim.swa_utils.AveragedModel(
-                self.model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(t.ema_decay), use_buffers=True
+                self.model,
+                multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(t.ema_decay),
+                use_buffers=True,
             )
         self.state = TrainState()
+        self._set_lr()
         self.history: list[dict[str, Any]] = []
         self._epoch_stats: dict[str, float] = {}
         self._stop_signal: int | None = None
@@ -493,7 +506,6 @@ class Trainer:
             "config": self.config.to_dict(),
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "state": vars(s).copy(),
@@ -519,13 +531,13 @@ class Trainer:
             raise ValueError(f"{path} is not a detrkit training checkpoint (use train.init_weights for weights)")
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
         if self.ema is not None:
             if ckpt["ema"] is None:
                 raise ValueError(f"{path} was trained without EMA; resume with train.ema=false")
             self.ema.load_state_dict(ckpt["ema"])
         self.state = TrainState(**ckpt["state"])
+        self._set_lr()
         self.history = list(ckpt.get("history", []))
         rng = ckpt["rng"]
         torch.set_rng_state(rng["torch"])
@@ -591,7 +603,11 @@ class Trainer:
                     if self.is_main:
                         write_metrics(metrics, self.run_dir / "metrics.json")
                         log.info(
-                            "epoch %d: AP %.4f  AP50 %.4f  AP75 %.4f", epoch + 1, metrics["AP"], metrics["AP50"], metrics["AP75"]
+                            "epoch %d: AP %.4f  AP50 %.4f  AP75 %.4f",
+                            epoch + 1,
+                            metrics["AP"],
+                            metrics["AP50"],
+                            metrics["AP75"],
                         )
                         if metrics["AP"] > self.state.best_ap:
                             self.state.best_ap = metrics["AP"]
@@ -633,7 +649,12 @@ class Trainer:
         self.ddp_model.train()
         self.criterion.train()
         remaining = self.batches_per_epoch - s.batches_done
-        bar = Progress(remaining // t.grad_accum_steps, desc=f"epoch {epoch + 1}/{t.epochs}", every=t.log_every, enabled=self.is_main)
+        bar = Progress(
+            remaining // t.grad_accum_steps,
+            desc=f"epoch {epoch + 1}/{t.epochs}",
+            every=t.log_every,
+            enabled=self.is_main,
+        )
         sums: dict[str, float] = {}
         updates = 0
         accum: list[dict[str, float]] = []
@@ -701,7 +722,7 @@ class Trainer:
                         f"{self.run_dir / 'checkpoints'} is intact; resume from it with --resume auto."
                     )
             s.global_step += 1
-            self.scheduler.step()
+            self._set_lr()
             updates += 1
             step_stats = {k: sum(a[k] for a in accum) / len(accum) for k in accum[0]}
             accum = []
@@ -709,7 +730,13 @@ class Trainer:
                 sums[k] = sums.get(k, 0.0) + v
             elapsed = time.perf_counter() - tic
             lr = self.optimizer.param_groups[0]["lr"]
-            record = {"type": "step", "epoch": epoch + 1, "step": s.global_step, "lr": lr, "grad_norm": grad_norm}
+            record = {
+                "type": "step",
+                "epoch": epoch + 1,
+                "step": s.global_step,
+                "lr": lr,
+                "grad_norm": grad_norm,
+            }
             record.update(step_stats)
             record["images_per_s"] = images / max(elapsed, 1e-9)
             self.jsonl.write(record)
@@ -733,6 +760,12 @@ class Trainer:
         bar.close()
         self._epoch_stats = {f"train_{k}": v / max(1, updates) for k, v in sums.items()}
         return True
+
+    def _set_lr(self) -> None:
+        """The schedule is a pure function of the step, so resuming needs nothing but the step."""
+        factor = lr_factor(self.state.global_step, config=self.config, steps_per_epoch=self.steps_per_epoch)
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+            group["lr"] = base * factor
 
     # -- signals and plots --------------------------------------------------------------------------------------
     def _install_signal_handlers(self) -> dict[int, Any]:

@@ -23,8 +23,7 @@ class LabelMap:
         object.__setattr__(self, "names", tuple(str(n) for n in self.names))
         if len(self.category_ids) != len(self.names):
             raise ValueError(
-                f"LabelMap needs one name per category id: got {len(self.category_ids)} ids "
-                f"and {len(self.names)} names"
+                f"LabelMap needs one name per category id: got {len(self.category_ids)} ids and {len(self.names)} names"
             )
         if len(set(self.category_ids)) != len(self.category_ids):
             raise ValueError(f"LabelMap category ids must be unique: {list(self.category_ids)}")

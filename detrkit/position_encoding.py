@@ -23,7 +23,12 @@ class SinePositionEncoding(nn.Module):
     """
 
     def __init__(
-        self, num_feats: int = 128, *, temperature: float = 10000.0, normalize: bool = True, scale: float = 2 * math.pi
+        self,
+        num_feats: int = 128,
+        *,
+        temperature: float = 10000.0,
+        normalize: bool = True,
+        scale: float = 2 * math.pi,
     ) -> None:
         super().__init__()
         self.num_feats = num_feats

@@ -23,7 +23,7 @@ def draw_detections(image, detections: Detections, *, width: int = 2) -> torch.T
     img = (load_image_tensor(image) * 255).round().to(torch.uint8)
     if len(detections) == 0:
         return img
-    labels = [f"{n} {s:.2f}" for n, s in zip(detections.names, detections.scores.tolist())]
+    labels = [f"{n} {s:.2f}" for n, s in zip(detections.names, detections.scores.tolist(), strict=True)]
     colors = [_PALETTE[int(c) % len(_PALETTE)] for c in detections.labels.tolist()]
     font_size = max(10, min(img.shape[1:]) // 40)
     return draw_bounding_boxes(

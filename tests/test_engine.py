@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -97,7 +96,11 @@ def _wait_for_step(log: Path, step: int, proc: subprocess.Popen, timeout: float 
     while time.time() < deadline:
         if log.is_file():
             for line in log.read_text().splitlines():
-                if line.endswith("}") and json.loads(line).get("step", 0) >= step and json.loads(line)["type"] == "step":
+                if (
+                    line.endswith("}")
+                    and json.loads(line).get("step", 0) >= step
+                    and json.loads(line)["type"] == "step"
+                ):
                     return
         if proc.poll() is not None:
             raise AssertionError(f"training ended before step {step}: {proc.stderr.read()}")
@@ -177,7 +180,13 @@ def test_nonfinite_losses_are_skipped_then_stop_training(shapes, tmp_path):
 def test_ema_bf16_and_accumulation(shapes, tmp_path):
     run = tmp_path / "run"
     cfg = tiny_config(
-        shapes, run, "train.ema=true", "train.ema_decay=0.5", "train.amp=bf16", "train.grad_accum_steps=2", "train.epochs=1"
+        shapes,
+        run,
+        "train.ema=true",
+        "train.ema_decay=0.5",
+        "train.amp=bf16",
+        "train.grad_accum_steps=2",
+        "train.epochs=1",
     )
     trainer = Trainer(cfg)
     trainer.fit()
@@ -193,7 +202,9 @@ def test_fine_tuning_reinitialises_a_different_class_head(shapes, tmp_path, capl
     import detrkit
 
     src = detrkit.build(
-        load_run_config("demo", TINY_MODEL).model.replace(num_classes=5, category_ids=(1, 2, 3, 4, 5), class_names=tuple("abcde"))
+        load_run_config("demo", TINY_MODEL).model.replace(
+            num_classes=5, category_ids=(1, 2, 3, 4, 5), class_names=tuple("abcde")
+        )
     )
     src.save_pretrained(tmp_path / "src")
     trainer = Trainer(tiny_config(shapes, tmp_path / "run", f"train.init_weights={tmp_path / 'src'}", "train.epochs=1"))

@@ -20,9 +20,7 @@ from detrkit.evaluation import COCO_METRIC_KEYS, CocoEvaluator, evaluate_results
 COCO = pytest.importorskip("pycocotools.coco").COCO
 COCOeval = pytest.importorskip("pycocotools.cocoeval").COCOeval
 
-COCO128_ANNOTATIONS = (
-    Path(__file__).resolve().parents[2] / "shared/data/coco128/annotations/instances_train2017.json"
-)
+COCO128_ANNOTATIONS = Path(__file__).resolve().parents[2] / "shared/data/coco128/annotations/instances_train2017.json"
 # Non-contiguous, as COCO's are: the evaluator must never assume ids 0..K-1.
 CATEGORY_IDS = (2, 5, 11, 17, 90)
 
@@ -119,9 +117,7 @@ def to_coco_results(predictions: dict[int, dict[str, torch.Tensor]]) -> list[dic
     return results
 
 
-def pycocotools_metrics(
-    gt: dict, results: list[dict], image_ids: list[int] | None = None
-) -> dict[str, float]:
+def pycocotools_metrics(gt: dict, results: list[dict], image_ids: list[int] | None = None) -> dict[str, float]:
     """pycocotools itself, used as its users do (on copies: it writes into what it is given)."""
     with contextlib.redirect_stdout(io.StringIO()):
         coco_gt = COCO()
@@ -192,15 +188,23 @@ def test_synthetic_matches_pycocotools(gt_file: Path, synthetic, backend: str) -
     expected = pycocotools_metrics(gt, results, image_ids=updated)
     assert_metrics_equal(metrics, expected)
     # Not a vacuous comparison: every area range holds objects; the detector is neither perfect nor useless.
-    assert 0.2 < metrics["AP"] < 0.9 and all(
-        metrics[k] > 0 for k in ("APs", "APm", "APl", "ARs", "ARm", "ARl")
-    )
+    assert 0.2 < metrics["AP"] < 0.9 and all(metrics[k] > 0 for k in ("APs", "APm", "APl", "ARs", "ARm", "ARl"))
 
     everything = CocoEvaluator(gt_file, backend=backend, all_images=True)
     everything.update(predictions)
     all_metrics = everything.summarize()
     assert_metrics_equal(all_metrics, pycocotools_metrics(gt, results))
     assert all_metrics["AR100"] < metrics["AR100"]  # the images never updated hold missed objects
+
+
+@pytest.mark.parametrize("seed", [10, 11, 12])
+def test_more_synthetic_draws_match_pycocotools(seed: int) -> None:
+    gt = make_gt(seed=seed, num_images=30)
+    predictions = make_predictions(gt, seed=seed + 100, many_on_first=120)
+    evaluator = CocoEvaluator(gt)
+    evaluator.update(predictions)
+    expected = pycocotools_metrics(gt, to_coco_results(predictions), image_ids=list(predictions))
+    assert_metrics_equal(evaluator.summarize(), expected)
 
 
 def test_coco128_jittered_ground_truth_matches_pycocotools() -> None:
@@ -211,17 +215,13 @@ def test_coco128_jittered_ground_truth_matches_pycocotools() -> None:
     evaluator = CocoEvaluator(COCO128_ANNOTATIONS)
     evaluator.update(predictions)
     metrics = evaluator.summarize()
-    assert_metrics_equal(
-        metrics, pycocotools_metrics(gt, to_coco_results(predictions), image_ids=list(predictions))
-    )
+    assert_metrics_equal(metrics, pycocotools_metrics(gt, to_coco_results(predictions), image_ids=list(predictions)))
     assert 0.2 < metrics["AP"] < 0.95
 
 
 def test_perfect_detections_give_ap_one(synthetic) -> None:
     gt = synthetic[0]
-    predictions: dict[int, dict] = {
-        img["id"]: {"boxes": [], "scores": [], "labels": []} for img in gt["images"]
-    }
+    predictions: dict[int, dict] = {img["id"]: {"boxes": [], "scores": [], "labels": []} for img in gt["images"]}
     for ann in gt["annotations"]:
         x, y, w, h = ann["bbox"]
         p = predictions[ann["image_id"]]
@@ -229,9 +229,7 @@ def test_perfect_detections_give_ap_one(synthetic) -> None:
         p["scores"].append(1.0)
         p["labels"].append(ann["category_id"])
     evaluator = CocoEvaluator(gt)
-    evaluator.update(
-        {i: {k: np.asarray(v, dtype=np.float64) for k, v in p.items()} for i, p in predictions.items()}
-    )
+    evaluator.update({i: {k: np.asarray(v, dtype=np.float64) for k, v in p.items()} for i, p in predictions.items()})
     metrics = evaluator.summarize()
     for key in ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100", "ARs", "ARm", "ARl"):
         assert metrics[key] == 1.0, key
@@ -293,9 +291,7 @@ def test_update_checks_and_lifecycle(synthetic) -> None:
     with pytest.raises(ValueError, match="not in the ground truth: 5, 6"):
         evaluator.update({5: predictions[first], 6: predictions[first]})
     with pytest.raises(ValueError, match=r"expected boxes \(n, 4\)"):
-        evaluator.update(
-            {first: {"boxes": torch.zeros(3, 5), "scores": torch.zeros(3), "labels": torch.zeros(3)}}
-        )
+        evaluator.update({first: {"boxes": torch.zeros(3, 5), "scores": torch.zeros(3), "labels": torch.zeros(3)}})
     with pytest.raises(ValueError, match="'boxes', 'scores' and 'labels'"):
         evaluator.update({first: {"boxes": torch.zeros(0, 4)}})
     with pytest.raises(TypeError, match="image ids must be integers"):
@@ -324,9 +320,7 @@ def test_half_precision_and_cuda_style_inputs_convert(synthetic) -> None:
     image_id = gt["images"][0]["id"]
     boxes = torch.tensor([[10.25, 20.5, 50.75, 90.0]], dtype=torch.bfloat16)
     evaluator = CocoEvaluator(gt)
-    evaluator.update(
-        {image_id: {"boxes": boxes, "scores": torch.tensor([0.5]), "labels": torch.tensor([2.0])}}
-    )
+    evaluator.update({image_id: {"boxes": boxes, "scores": torch.tensor([0.5]), "labels": torch.tensor([2.0])}})
     (det,) = evaluator.results()
     x1, y1, x2, y2 = boxes.float()[0].tolist()
     assert det == {"image_id": image_id, "category_id": 2, "bbox": [x1, y1, x2 - x1, y2 - y1], "score": 0.5}
@@ -408,9 +402,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _distributed_worker(
-    rank: int, world_size: int, port: int, gt_path: str, shards: list, out_dir: str
-) -> None:
+def _distributed_worker(rank: int, world_size: int, port: int, gt_path: str, shards: list, out_dir: str) -> None:
     torch.set_num_threads(1)
     torch.distributed.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
@@ -461,10 +453,7 @@ def test_distributed_two_processes_match_single_process(tmp_path: Path, gt_file:
         assert out["ids"] == sorted(updated)
         assert out["metrics"] == expected  # the very same floats on every rank
     assert outs[0]["error"] == "ZeroDivisionError: division by zero"
-    assert (
-        outs[1]["error"]
-        == "RuntimeError: COCO evaluation failed on rank 0: ZeroDivisionError: division by zero"
-    )
+    assert outs[1]["error"] == "RuntimeError: COCO evaluation failed on rank 0: ZeroDivisionError: division by zero"
 
 
 @pytest.fixture(autouse=True)

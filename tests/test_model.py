@@ -76,9 +76,7 @@ def test_gradients_reach_every_trainable_parameter():
     loss = out["pred_logits"].sum() + out["pred_boxes"].sum()
     loss = loss + sum(a["pred_logits"].sum() + a["pred_boxes"].sum() for a in out["aux_outputs"])
     loss.backward()
-    missing = [
-        n for n, p in m.named_parameters() if p.requires_grad and (p.grad is None or p.grad.abs().sum() == 0)
-    ]
+    missing = [n for n, p in m.named_parameters() if p.requires_grad and (p.grad is None or p.grad.abs().sum() == 0)]
     # The first decoder layer's input is all zeros (paper, A.3): its self-attention values are all equal, so the
     # query/key projections and the value weight get no gradient there, in the official DETR as here.
     inert = {
@@ -90,9 +88,7 @@ def test_gradients_reach_every_trainable_parameter():
 
 def test_trainable_stages_freeze_the_rest():
     m = tiny_model(trainable_stages=3)
-    trainable = {
-        n.split(".")[2] for n, p in m.named_parameters() if n.startswith("backbone.") and p.requires_grad
-    }
+    trainable = {n.split(".")[2] for n, p in m.named_parameters() if n.startswith("backbone.") and p.requires_grad}
     assert trainable == {"layer2", "layer3", "layer4"}
     assert not any(p.requires_grad for p in tiny_model(trainable_stages=0).backbone.parameters())
 
@@ -111,7 +107,7 @@ def test_multi_level_outputs_and_masks():
     mask = torch.zeros(1, 96, 64, dtype=torch.bool)
     mask[:, 70:, :] = True
     feats = bb(torch.randn(1, 3, 96, 64), mask)
-    for (f, m), stride in zip(feats, (8, 16, 32)):
+    for (f, m), stride in zip(feats, (8, 16, 32), strict=True):
         assert m.shape == (1, *f.shape[-2:])
         assert int((~m[0, :, 0]).sum()) == -(-70 // stride)  # ceil(70 / stride) valid rows
 

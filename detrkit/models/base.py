@@ -33,8 +33,15 @@ class Detections:
     def to_list(self) -> list[dict[str, Any]]:
         """JSON-ready: one dict per box with ``box`` [x1, y1, x2, y2], ``score``, ``label`` and ``name``."""
         return [
-            {"box": [round(float(v), 2) for v in box], "score": round(float(s), 4), "label": int(lbl), "name": n}
-            for box, s, lbl, n in zip(self.boxes.tolist(), self.scores.tolist(), self.labels.tolist(), self.names)
+            {
+                "box": [round(float(v), 2) for v in box],
+                "score": round(float(s), 4),
+                "label": int(lbl),
+                "name": n,
+            }
+            for box, s, lbl, n in zip(
+                self.boxes.tolist(), self.scores.tolist(), self.labels.tolist(), self.names, strict=True
+            )
         ]
 
 
@@ -68,7 +75,9 @@ class Detector(nn.Module):
         """Per-layer ``logits (L,B,Q,C)`` and ``boxes (L,B,Q,4)`` → the output dict (last layer + aux list)."""
         out: dict[str, Any] = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
         if self.config.aux_loss:
-            out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
+            out["aux_outputs"] = [
+                {"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1], strict=True)
+            ]
         return out
 
     # -- inference --------------------------------------------------------------------------------------------
@@ -123,9 +132,7 @@ class Detector(nn.Module):
                 outputs = self(pixel_values.to(device), padding_mask.to(device))
                 for det in self.postprocess(outputs, orig_sizes.to(device), threshold=threshold, top_k=top_k):
                     names = [self.label_map.names[self.label_map.to_label(int(c))] for c in det["labels"].tolist()]
-                    results.append(
-                        Detections(det["boxes"].cpu(), det["scores"].cpu(), det["labels"].cpu(), names)
-                    )
+                    results.append(Detections(det["boxes"].cpu(), det["scores"].cpu(), det["labels"].cpu(), names))
         finally:
             self.train(was_training)
         return results[0] if single else results

@@ -33,7 +33,15 @@ class FFN(nn.Module):
 class EncoderLayer(nn.Module):
     """Post-norm encoder layer; the position embedding is added to queries and keys, not values (paper, A.3)."""
 
-    def __init__(self, dim: int, nheads: int, ffn_dim: int, dropout: float, attention_dropout: float, act_dropout: float):
+    def __init__(
+        self,
+        dim: int,
+        nheads: int,
+        ffn_dim: int,
+        dropout: float,
+        attention_dropout: float,
+        act_dropout: float,
+    ):
         super().__init__()
         self.self_attn = Attention(dim, nheads, dropout=attention_dropout)
         self.ffn = FFN(dim, ffn_dim, act_dropout)
@@ -52,7 +60,15 @@ class EncoderLayer(nn.Module):
 class DecoderLayer(nn.Module):
     """Post-norm decoder layer: self-attention among queries, cross-attention to the encoder memory, FFN."""
 
-    def __init__(self, dim: int, nheads: int, ffn_dim: int, dropout: float, attention_dropout: float, act_dropout: float):
+    def __init__(
+        self,
+        dim: int,
+        nheads: int,
+        ffn_dim: int,
+        dropout: float,
+        attention_dropout: float,
+        act_dropout: float,
+    ):
         super().__init__()
         self.self_attn = Attention(dim, nheads, dropout=attention_dropout)
         self.cross_attn = Attention(dim, nheads, dropout=attention_dropout)
@@ -157,7 +173,7 @@ class DETR(Detector):
 
     def forward(self, pixel_values: Tensor, padding_mask: Tensor | None = None) -> dict:
         self._check_inputs(pixel_values, padding_mask)
-        (feat, mask), = self.backbone(pixel_values, padding_mask)  # (B, C, h, w), (B, h, w)
+        ((feat, mask),) = self.backbone(pixel_values, padding_mask)  # (B, C, h, w), (B, h, w)
         b, _, h, w = feat.shape
         pos = self.position_encoding((b, h, w), mask, device=feat.device).to(feat.dtype)  # (B, D, h, w)
         src = self.input_proj(feat).flatten(2).transpose(1, 2)  # (B, S, D)
