@@ -45,6 +45,9 @@ class ResNetBackbone(nn.Module):
         weights: a torchvision weights name such as ``"IMAGENET1K_V1"`` (downloaded by torchvision when asked for;
             ``None`` leaves the random initialisation).
         mask_padding: zero padded positions before each spatial convolution (see the module docstring).
+        norm: ``"frozen"`` (FrozenBatchNorm2d, the DETR recipe for ImageNet-initialised backbones) or ``"batch"``
+            (trainable BatchNorm2d, for backbones trained from scratch, where frozen statistics of a random
+            initialisation would leave the network unnormalised).
     """
 
     def __init__(
@@ -56,8 +59,11 @@ class ResNetBackbone(nn.Module):
         return_levels: tuple[int, ...] = (4,),
         weights: str | None = None,
         mask_padding: bool = True,
+        norm: str = "frozen",
     ) -> None:
         super().__init__()
+        if norm not in ("frozen", "batch"):
+            raise ValueError(f"backbone norm must be 'frozen' or 'batch', got {norm!r}")
         if name not in RESNET_CHANNELS:
             raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(RESNET_CHANNELS)}")
         if not 0 <= trainable_stages <= 5:
@@ -68,7 +74,7 @@ class ResNetBackbone(nn.Module):
             raise ValueError(f"dilation (DC5) needs a bottleneck ResNet (resnet50/101), not {name}")
         body = getattr(torchvision.models, name)(
             weights=weights,
-            norm_layer=FrozenBatchNorm2d,
+            norm_layer=FrozenBatchNorm2d if norm == "frozen" else nn.BatchNorm2d,
             replace_stride_with_dilation=[False, False, dilation] if name in ("resnet50", "resnet101") else None,
         )
         del body.fc, body.avgpool
@@ -79,9 +85,10 @@ class ResNetBackbone(nn.Module):
         self.num_channels = tuple(RESNET_CHANNELS[name][lvl - 1] for lvl in self.return_levels)
         self.level_strides = tuple(self.strides[lvl - 1] for lvl in self.return_levels)
 
-        trainable = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_stages]
+        stages = [("layer4",), ("layer3",), ("layer2",), ("layer1",), ("conv1", "bn1")]
+        trainable = tuple(prefix for stage in stages[:trainable_stages] for prefix in stage)
         for pname, p in self.body.named_parameters():
-            p.requires_grad_(any(pname.startswith(t) for t in trainable))
+            p.requires_grad_(pname.startswith(trainable) if trainable else False)
 
     def forward(self, pixel_values: Tensor, padding_mask: Tensor | None = None) -> list[tuple[Tensor, Tensor | None]]:
         """Args: ``pixel_values (B,3,H,W)``, ``padding_mask (B,H,W)`` True on padding, or None.

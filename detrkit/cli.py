@@ -62,18 +62,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if dataset.label_map.category_ids != model.label_map.category_ids:
             log.warning(
                 "the model's category ids (%d classes) differ from the annotation file's (%d): "
-                "detections of unknown ids count as false positives",
+                "detections of ids the annotations do not have are ignored by COCO evaluation",
                 model.config.num_classes,
                 dataset.num_classes,
             )
-        metrics, predictions = evaluate(model, dataset, batch_size=args.batch_size, device=device, progress=True)
-        results = [
-            {"image_id": i, "category_id": int(c), "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(s)}
-            for i, p in predictions.items()
-            for (x1, y1, x2, y2), c, s in zip(
-                p["boxes"].tolist(), p["labels"].tolist(), p["scores"].tolist(), strict=True
-            )
-        ]
+        metrics, results = evaluate(model, dataset, batch_size=args.batch_size, device=device, progress=True)
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(json.dumps(results))
     write_metrics(metrics, out / "metrics.json")

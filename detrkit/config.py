@@ -29,6 +29,7 @@ class ModelConfig:
     dilation: bool = False  # DC5: stride 16 in the last stage
     trainable_stages: int = 3  # layer2-4 train, the stem and layer1 stay frozen (paper recipe)
     backbone_weights: str | None = None  # torchvision weights name, e.g. "IMAGENET1K_V1"; downloaded when set
+    backbone_norm: str = "frozen"  # "frozen" BatchNorm (paper) or "batch" (trainable, for training from scratch)
     mask_backbone_padding: bool = True  # padding-exact backbone (see backbone.py); off for published weights
     position_embedding: str = "sine"  # or "learned"
     hidden_dim: int = 256

@@ -332,10 +332,10 @@ def evaluate(
     num_workers: int = 0,
     amp: str = "none",
     progress: bool = False,
-) -> tuple[dict[str, float], dict[int, dict[str, torch.Tensor]]]:
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """COCO bbox metrics of ``model`` on ``dataset`` (sharded across processes when distributed).
 
-    Returns the 12 metrics and this process's predictions (image id → scores, labels, boxes).
+    Returns the 12 metrics and the detections as a COCO results list (all processes' on rank 0).
     """
     device = torch.device(device)
     was_training = model.training
@@ -353,22 +353,19 @@ def evaluate(
     bar = Progress(
         len(loader), desc="eval", every=max(1, len(loader) // 5), enabled=progress and dist.is_main_process()
     )
-    predictions: dict[int, dict[str, torch.Tensor]] = {}
     for batch in loader:
         batch = batch.to(device)
         with _autocast(device, amp):
             outputs = model(batch.pixel_values, batch.padding_mask)
         outputs = _to_float(outputs)
         results = model.postprocess(outputs, batch.orig_sizes, threshold=0.0, top_k=100)
-        preds = {int(i): {k: v.cpu() for k, v in r.items()} for i, r in zip(batch.image_ids, results, strict=True)}
-        predictions.update(preds)
-        evaluator.update(preds)
+        evaluator.update({int(i): r for i, r in zip(batch.image_ids, results, strict=True)})
         bar.update(1, {})
     bar.close()
     evaluator.synchronize()
     metrics = evaluator.summarize()
     model.train(was_training)
-    return metrics, predictions
+    return metrics, evaluator.results()
 
 
 def _autocast(device: torch.device, amp: str):

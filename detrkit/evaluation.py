@@ -127,13 +127,9 @@ class CocoEvaluator:
         """
         if self._synchronized:
             # In a distributed run a late update on one rank would make it gather again alone and hang.
-            raise RuntimeError(
-                "update() after synchronize()/summarize(): call reset() to start a new evaluation"
-            )
+            raise RuntimeError("update() after synchronize()/summarize(): call reset() to start a new evaluation")
         if not isinstance(predictions, Mapping):
-            raise TypeError(
-                f"update() takes a dict {{image_id: prediction}}, got {type(predictions).__name__}"
-            )
+            raise TypeError(f"update() takes a dict {{image_id: prediction}}, got {type(predictions).__name__}")
         converted: dict[int, _Detections] = {}
         for key, prediction in predictions.items():
             image_id = _as_image_id(key)
@@ -193,9 +189,7 @@ class CocoEvaluator:
             results = self.results()
             _warn_unknown_categories(results, self._gt)
             image_ids = None if self.all_images else sorted(self._predictions)
-            return _evaluate(
-                self._gt, results, image_ids=image_ids, backend=self.backend, verbose=self.verbose
-            )
+            return _evaluate(self._gt, results, image_ids=image_ids, backend=self.backend, verbose=self.verbose)
 
 
 def evaluate_results_file(
@@ -293,8 +287,7 @@ def _load_gt(coco_gt: str | os.PathLike | Mapping[str, Any]) -> Mapping[str, Any
     missing = [k for k in ("images", "annotations", "categories") if k not in data]
     if missing:
         raise ValueError(
-            f"{source}: a COCO annotation file needs 'images', 'annotations' and 'categories'; "
-            f"missing {missing}"
+            f"{source}: a COCO annotation file needs 'images', 'annotations' and 'categories'; missing {missing}"
         )
     return data
 
@@ -343,9 +336,7 @@ def _convert_prediction(prediction: Mapping[str, Any], image_id: int) -> _Detect
     try:
         boxes, scores, labels = (_to_numpy(prediction[k]) for k in ("boxes", "scores", "labels"))
     except (KeyError, TypeError):
-        raise ValueError(
-            f"image {image_id}: a prediction is a dict with 'boxes', 'scores' and 'labels'"
-        ) from None
+        raise ValueError(f"image {image_id}: a prediction is a dict with 'boxes', 'scores' and 'labels'") from None
     if boxes.size == 0:
         boxes = boxes.reshape(0, 4)
     n = len(scores.reshape(-1))
@@ -500,8 +491,8 @@ def _gc_paused() -> Iterator[None]:
 
     An evaluation creates millions of small dicts and lists (a record per detection, the libraries' indexes)
     that all live until it ends, and every collection of the oldest generation walks all of them again: on
-    500k detections that took about 3 s of faster-coco-eval's 9. Nothing here creates reference cycles, so
-    there is nothing to collect; the collector is switched back on as it was, even on errors.
+    500k detections pausing it takes an evaluation from 10.7 s to 8.6 s. Nothing here creates reference
+    cycles, so there is nothing to collect; the collector is switched back on as it was, even on errors.
     """
     was_enabled = gc.isenabled()
     gc.disable()

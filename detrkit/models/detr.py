@@ -154,6 +154,7 @@ class DETR(Detector):
             return_levels=(4,),
             weights=c.backbone_weights,
             mask_padding=c.mask_backbone_padding,
+            norm=c.backbone_norm,
         )
         self.position_encoding = build_position_encoding(c.position_embedding, c.hidden_dim)
         self.input_proj = nn.Conv2d(self.backbone.num_channels[-1], c.hidden_dim, kernel_size=1)
