@@ -5,7 +5,7 @@ medians of ``--runs`` timed calls after warm-up. Batch 8, 20 targets per image, 
 focal (Deformable DETR), 91 classes. Before timing, each case checks that both matchers return the same
 assignment.
 
-    .venv/bin/python benchmarks/bench_matcher.py [--runs 15] [--threads 2] [--device cpu]
+    .venv/bin/python benchmarks/bench_matcher.py [--runs 31] [--threads 2] [--device cpu]
 """
 
 from __future__ import annotations
@@ -32,9 +32,7 @@ def make_case(
     g = torch.Generator().manual_seed(seed)
     num_logits = NUM_CLASSES if focal else NUM_CLASSES + 1
     logits = torch.randn(batch, num_queries, num_logits, generator=g)
-    boxes = torch.rand(
-        batch, num_queries, 4, generator=g
-    )  # (cx, cy, w, h) in [0, 1): a model's sigmoid output
+    boxes = torch.rand(batch, num_queries, 4, generator=g)  # (cx, cy, w, h) in [0, 1): a model's sigmoid output
     tgts = []
     for _ in range(batch):
         cxcy = 0.2 + 0.6 * torch.rand(targets, 2, generator=g)
@@ -53,8 +51,8 @@ def make_case(
 
 
 def time_alternating(
-    a: Callable[[], object], b: Callable[[], object], *, runs: int, warmup: int = 3
-) -> tuple:
+    a: Callable[[], object], b: Callable[[], object], *, runs: int, warmup: int = 5
+) -> tuple[float, float]:
     """Median seconds of ``a`` and ``b``, called in turn."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     for _ in range(warmup):
@@ -73,12 +71,14 @@ def time_alternating(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=15, help="timed calls of each matcher per case (>= 7)")
+    parser.add_argument("--runs", type=int, default=31, help="timed calls of each matcher per case (>= 7)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--targets", type=int, default=20, help="targets per image")
     args = parser.parse_args()
+    if args.runs < 7:
+        parser.error("--runs must be at least 7")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 

@@ -41,13 +41,12 @@ def box_area(boxes: Tensor) -> Tensor:
     return wh[..., 0] * wh[..., 1]
 
 
-def _inter_union(a: Tensor, b: Tensor, dim: int) -> tuple[Tensor, Tensor]:
-    """Intersection and union areas of broadcastable xyxy boxes with coordinates along ``dim``."""
-    # Work on per-coordinate planes: with the coordinates last, slicing [..., 2:] gives size-2 inner loops,
-    # which are several times slower than the same arithmetic on whole planes (the matcher passes contiguous
-    # planes).
-    ax1, ay1, ax2, ay2 = a.unbind(dim)
-    bx1, by1, bx2, by2 = b.unbind(dim)
+def _inter_union(a: tuple[Tensor, ...], b: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+    """Intersection and union areas of broadcastable xyxy boxes given as coordinate planes (x1, y1, x2, y2)."""
+    # Per-coordinate planes: with the coordinates last, slicing [..., 2:] gives size-2 inner loops, which are
+    # several times slower than the same arithmetic on whole planes (the matcher passes contiguous planes).
+    ax1, ay1, ax2, ay2 = a
+    bx1, by1, bx2, by2 = b
     inter_w = (torch.minimum(ax2, bx2) - torch.maximum(ax1, bx1)).clamp_(min=0)
     inter_h = (torch.minimum(ay2, by2) - torch.maximum(ay1, by1)).clamp_(min=0)
     inter = inter_w * inter_h
@@ -62,10 +61,11 @@ def _giou(a: Tensor, b: Tensor, eps: float, dim: int = -1) -> Tensor:
 
     Rezatofighi et al. 2019, "Generalized Intersection over Union", Algorithm 1.
     """
-    inter, union = _inter_union(a, b, dim)
+    a_planes, b_planes = a.unbind(dim), b.unbind(dim)
+    inter, union = _inter_union(a_planes, b_planes)
     union = union.clamp_(min=eps)
-    ax1, ay1, ax2, ay2 = a.unbind(dim)
-    bx1, by1, bx2, by2 = b.unbind(dim)
+    ax1, ay1, ax2, ay2 = a_planes
+    bx1, by1, bx2, by2 = b_planes
     # The smallest box enclosing both. Its sides are at least each box's clamped sides, so enclosing >= union
     # (up to the eps clamps), which keeps GIoU in [-1, 1].
     enclosing_w = (torch.maximum(ax2, bx2) - torch.minimum(ax1, bx1)).clamp_(min=0)
@@ -85,7 +85,7 @@ def box_iou(boxes1: Tensor, boxes2: Tensor, *, eps: float = EPS) -> tuple[Tensor
     Returns:
         ``(iou (N, M), union (N, M))``; the union is unclamped (official DETR returns it too, for GIoU).
     """
-    inter, union = _inter_union(boxes1[:, None, :], boxes2[None, :, :], -1)  # (N, M)
+    inter, union = _inter_union(boxes1[:, None, :].unbind(-1), boxes2[None, :, :].unbind(-1))  # (N, M)
     return inter / union.clamp(min=eps), union
 
 
@@ -103,9 +103,7 @@ def generalized_box_iou(boxes1: Tensor, boxes2: Tensor, *, eps: float = EPS) -> 
     return _giou(boxes1[:, None, :], boxes2[None, :, :], eps)  # (N, M)
 
 
-def elementwise_generalized_box_iou(
-    boxes1: Tensor, boxes2: Tensor, *, eps: float = EPS, dim: int = -1
-) -> Tensor:
+def elementwise_generalized_box_iou(boxes1: Tensor, boxes2: Tensor, *, eps: float = EPS, dim: int = -1) -> Tensor:
     """Generalised IoU of corresponding xyxy boxes: ``generalized_box_iou(a, b).diagonal()`` in O(N).
 
     The official DETR loss takes the diagonal of the full N×N matrix; this computes only the N pairs it uses.

@@ -5,34 +5,38 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 log = logging.getLogger("detrkit")
 
+
+class CliError(ValueError):
+    """A user error on the command line: reported in one line, exit status 2."""
+
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 
 def _setup_logging() -> None:
-    from . import distributed as dist
-
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname).1s %(message)s", datefmt="%H:%M:%S"))
     log.addHandler(handler)
     # Under torchrun only rank 0 speaks (RANK is set before the process group exists).
-    import os
-
     log.setLevel(logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING)
     log.propagate = False
-    del dist
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import load_run_config
-    from .engine import Trainer
+    from .engine import Trainer, TrainingDiverged
 
     config = load_run_config(args.config, args.overrides)
-    metrics = Trainer(config, resume=args.resume).fit()
+    try:
+        metrics = Trainer(config, resume=args.resume).fit()
+    except TrainingDiverged as e:
+        raise CliError(str(e)) from e
     if metrics:
         log.info("final: %s", "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return 0
@@ -46,7 +50,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         metrics = evaluate_results_file(args.annotations, args.results)
     else:
         if not args.weights or not args.images:
-            raise SystemExit("detrkit eval: give --results FILE, or --weights W and --images DIR")
+            raise CliError("detrkit eval: give --results FILE, or --weights W and --images DIR")
         import torch
 
         from .checkpoint import load
@@ -89,9 +93,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         elif p.is_file():
             paths.append(p)
         else:
-            raise SystemExit(f"detrkit predict: no such image or folder: {p}")
+            raise CliError(f"detrkit predict: no such image or folder: {p}")
     if not paths:
-        raise SystemExit("detrkit predict: no images found")
+        raise CliError(f"detrkit predict: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {', '.join(args.inputs)}")
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model = load(args.weights, map_location=device)
     out = Path(args.out)
@@ -169,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--images", help="image folder of the annotation file")
     e.add_argument("--results", help="a COCO results JSON to evaluate instead of running a model")
     e.add_argument("--out", default="eval", help="output folder (default: eval)")
-    e.add_argument("--batch-size", type=int, default=2)
+    e.add_argument("--batch-size", type=int, default=2, help="images per forward pass (default: 2)")
     e.add_argument("--size", type=int, help="shorter image side (default: the model's)")
     e.add_argument("--max-size", type=int, help="longer image side cap (default: the model's)")
     e.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
@@ -187,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--threshold", type=float, default=0.5, help="minimum score (default: 0.5)")
     pr.add_argument("--size", type=int, help="shorter image side (default: the model's)")
     pr.add_argument("--max-size", type=int, help="longer image side cap (default: the model's)")
-    pr.add_argument("--batch-size", type=int, default=4)
+    pr.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default: 4)")
     pr.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     pr.set_defaults(func=cmd_predict)
 

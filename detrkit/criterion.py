@@ -82,9 +82,7 @@ class SetCriterion(nn.Module):
     def extra_repr(self) -> str:
         weights = ", ".join(f"weight_{k[5:]}={v}" for k, v in self.weights.items())
         mode = f"focal=True, focal_alpha={self.focal_alpha}, focal_gamma={self.focal_gamma}"
-        return f"num_classes={self.num_classes}, {weights}, " + (
-            mode if self.focal else f"eos_coef={self.eos_coef}"
-        )
+        return f"num_classes={self.num_classes}, {weights}, " + (mode if self.focal else f"eos_coef={self.eos_coef}")
 
     def match(self, outputs: dict, targets: list[dict[str, Tensor]]) -> Indices:
         """The last layer's matching, as ``forward`` computes it; pass it back as ``indices`` to reuse it.
@@ -153,26 +151,20 @@ class SetCriterion(nn.Module):
         losses.update(self._metrics(last["pred_logits"], targets, matched))
         return losses
 
-    def _match_layers(
-        self, layers: list[dict[str, Tensor]], targets: list[dict[str, Tensor]]
-    ) -> list[Indices]:
+    def _match_layers(self, layers: list[dict[str, Tensor]], targets: list[dict[str, Tensor]]) -> list[Indices]:
         """The matching of each layer; layers of one shape are stacked into one batch for the matcher."""
         shapes = {(layer["pred_logits"].shape, layer["pred_boxes"].shape) for layer in layers}
         if len(layers) < 2 or len(shapes) > 1:
             return [self.matcher(layer, targets) for layer in layers]
         batch = len(targets)
-        stacked = {
-            k: torch.cat([layer[k].detach() for layer in layers]) for k in ("pred_logits", "pred_boxes")
-        }
+        stacked = {k: torch.cat([layer[k].detach() for layer in layers]) for k in ("pred_logits", "pred_boxes")}
         flat = self.matcher(stacked, targets * len(layers))
         return [flat[i : i + batch] for i in range(0, len(flat), batch)]
 
     def _weighted(self, terms: dict[str, Tensor]) -> Tensor:
         return sum(self.weights[k] * v for k, v in terms.items())  # type: ignore[return-value]
 
-    def _layer_losses(
-        self, layer: dict[str, Tensor], matched: _Matched, num_boxes: float
-    ) -> dict[str, Tensor]:
+    def _layer_losses(self, layer: dict[str, Tensor], matched: _Matched, num_boxes: float) -> dict[str, Tensor]:
         """Unweighted ``loss_ce``, ``loss_bbox``, ``loss_giou`` of one layer."""
         logits, boxes = layer["pred_logits"], layer["pred_boxes"]
         batch_idx, query_idx = matched.batch_idx, matched.query_idx
@@ -180,21 +172,15 @@ class SetCriterion(nn.Module):
         # Every query gets a class target: its matched target's label, or no-object.
         num_logits = logits.shape[-1]
         no_object = num_logits if self.focal else num_logits - 1
-        target_classes = torch.full(
-            logits.shape[:2], no_object, dtype=torch.int64, device=logits.device
-        )  # (B, Q)
+        target_classes = torch.full(logits.shape[:2], no_object, dtype=torch.int64, device=logits.device)  # (B, Q)
         target_classes[batch_idx, query_idx] = matched.labels
         if self.focal:
             # One-hot over K; unmatched queries are all-zero rows (the official code scatters into K+1 columns
             # and drops the last one).
             onehot = F.one_hot(target_classes, num_logits + 1)[..., :-1].to(logits.dtype)  # (B, Q, K)
-            loss_ce = sigmoid_focal_loss(
-                logits, onehot, num_boxes, alpha=self.focal_alpha, gamma=self.focal_gamma
-            )
+            loss_ce = sigmoid_focal_loss(logits, onehot, num_boxes, alpha=self.focal_alpha, gamma=self.focal_gamma)
         else:
-            loss_ce = F.cross_entropy(
-                logits.transpose(1, 2), target_classes, self.empty_weight.to(logits.dtype)
-            )
+            loss_ce = F.cross_entropy(logits.transpose(1, 2), target_classes, self.empty_weight.to(logits.dtype))
 
         src_boxes = boxes[batch_idx, query_idx]  # (M, 4)
         tgt_boxes = matched.boxes.to(src_boxes)  # (M, 4)
@@ -204,9 +190,7 @@ class SetCriterion(nn.Module):
         return {"loss_ce": loss_ce, "loss_bbox": loss_bbox, "loss_giou": loss_giou}
 
     @torch.no_grad()
-    def _metrics(
-        self, logits: Tensor, targets: list[dict[str, Tensor]], matched: _Matched
-    ) -> dict[str, Tensor]:
+    def _metrics(self, logits: Tensor, targets: list[dict[str, Tensor]], matched: _Matched) -> dict[str, Tensor]:
         """``class_error``: percent of matched queries whose best class is wrong; ``cardinality_error``."""
         if len(matched.labels):
             correct = logits[matched.batch_idx, matched.query_idx].argmax(-1) == matched.labels
@@ -260,9 +244,7 @@ def _layer(outputs: dict) -> dict[str, Tensor]:
     return {"pred_logits": outputs["pred_logits"], "pred_boxes": outputs["pred_boxes"]}
 
 
-def matched_query_index(
-    indices: Indices, *, device: torch.device | str | None = None
-) -> tuple[Tensor, Tensor]:
+def matched_query_index(indices: Indices, *, device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
     """Flatten per-image matches into ``(batch_idx, query_idx)`` for indexing (B, Q, ...) predictions.
 
     ``outputs["pred_boxes"][matched_query_index(indices)]`` gives the M matched boxes, in the order of

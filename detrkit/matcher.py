@@ -19,6 +19,8 @@ per image.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
@@ -83,9 +85,7 @@ class HungarianMatcher(nn.Module):
         return s
 
     @torch.no_grad()
-    def forward(
-        self, outputs: dict[str, Tensor], targets: list[dict[str, Tensor]]
-    ) -> list[tuple[Tensor, Tensor]]:
+    def forward(self, outputs: dict[str, Tensor], targets: list[dict[str, Tensor]]) -> list[tuple[Tensor, Tensor]]:
         """Match each image's queries to its targets.
 
         Args:
@@ -101,9 +101,7 @@ class HungarianMatcher(nn.Module):
         logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
         batch_size, num_queries, num_logits = logits.shape
         if len(targets) != batch_size:
-            raise ValueError(
-                f"HungarianMatcher got {len(targets)} targets for a batch of {batch_size} images"
-            )
+            raise ValueError(f"HungarianMatcher got {len(targets)} targets for a batch of {batch_size} images")
         sizes = [len(t["labels"]) for t in targets]
         if sum(sizes) == 0 or num_queries == 0:
             return [(_empty_index(), _empty_index()) for _ in sizes]
@@ -119,7 +117,8 @@ class HungarianMatcher(nn.Module):
         # One device -> host transfer for the whole batch; rows [start, start + N_b) are image b's block.
         # float64 is what scipy solves in: converted once here rather than once per image.
         cost_np = cost.to("cpu", torch.float64).numpy()
-        if not np.isfinite(cost_np).all():
+        # The float64 sum of float32 costs cannot overflow, so it is finite exactly when every cost is.
+        if not math.isfinite(cost_np.sum()):
             raise self._non_finite_error(cost_np, sizes, logits, boxes, tgt_boxes)
 
         indices = []
@@ -137,32 +136,34 @@ class HungarianMatcher(nn.Module):
             indices.append((torch.from_numpy(pred_idx[order]), torch.from_numpy(tgt_idx[order])))
         return indices
 
-    def _pair_costs(
-        self, logits: Tensor, boxes: Tensor, image: Tensor, labels: Tensor, tgt_boxes: Tensor
-    ) -> Tensor:
+    def _pair_costs(self, logits: Tensor, boxes: Tensor, image: Tensor, labels: Tensor, tgt_boxes: Tensor) -> Tensor:
         """Weighted matching cost of every target against every query of its own image -> (T, Q), float32.
 
-        Terms with weight 0 are skipped (also so that a NaN in an unused term cannot poison the cost).
+        Terms with weight 0 are skipped (also so that a NaN in an unused term cannot poison the cost). Most
+        operations here run on (T, Q) tensors, so signs and weights are folded into as few of them as possible.
         """
         cost: Tensor | None = None
 
         def add(term: Tensor, weight: float) -> None:
+            # cost += weight * term, reusing term's memory for the first one.
             nonlocal cost
             cost = term.mul_(weight) if cost is None else cost.add_(term, alpha=weight)
 
         if self.cost_class:
             if self.focal:
-                # Deformable DETR's matcher: focal loss of the positive minus that of the negative at the
-                # target's class. Gathered first: only T·Q of the B·Q·K sigmoids are needed.
-                prob = logits[image, :, labels].float().sigmoid()  # (T, Q)
+                # Deformable DETR's matcher: at the target's class, focal loss of a positive minus that of a
+                # negative, pos - neg = -alpha (1-p)^gamma log(p) + (1-alpha) p^gamma log(1-p) (logs with
+                # +1e-8). Gathered first: only T·Q of the B·Q·K sigmoids are needed.
                 alpha, gamma = self.focal_alpha, self.focal_gamma
-                neg = (1 - alpha) * prob.pow(gamma) * -(1 - prob + 1e-8).log()
-                pos = alpha * (1 - prob).pow(gamma) * -(prob + 1e-8).log()
-                add(pos - neg, self.cost_class)
+                prob = logits[image, :, labels].float().sigmoid()  # (T, Q)
+                one_minus = 1 - prob
+                neg = prob.pow(gamma).mul_((one_minus + 1e-8).log_())  # -neg / (1 - alpha)
+                pos = one_minus.pow_(gamma).mul_((prob + 1e-8).log_())  # -pos / alpha
+                add(neg.mul_(1 - alpha).sub_(pos, alpha=alpha), self.cost_class)
             else:
                 # DETR approximates the NLL by 1 - prob[target class]; the constant 1 changes no matching.
                 prob = logits.float().softmax(-1)  # (B, Q, K+1)
-                add(-prob[image, :, labels], self.cost_class)  # (T, Q)
+                add(prob[image, :, labels], -self.cost_class)  # (T, Q)
         if self.cost_bbox or self.cost_giou:
             # Coordinate planes, (8, T, Q): cxcywh then xyxy of the queries of each target's image. Planes
             # keep every elementwise operation on contiguous (T, Q) rows; slicing (T, Q, 4) boxes is several
@@ -175,7 +176,7 @@ class HungarianMatcher(nn.Module):
                 add((pred[:4] - tgt[:4]).abs_().sum(0), self.cost_bbox)  # (T, Q) L1, as torch.cdist(p=1)
             if self.cost_giou:
                 giou = elementwise_generalized_box_iou(pred[4:], tgt[4:], dim=0)  # (T, Q)
-                add(giou.neg_(), self.cost_giou)
+                add(giou, -self.cost_giou)
         assert cost is not None  # at least one weight is non-zero (checked in __init__)
         return cost
 

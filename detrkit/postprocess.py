@@ -77,6 +77,4 @@ def postprocess(
 
     # Scores are sorted, so the detections above the threshold are a prefix of each row.
     counts = (scores > threshold).sum(1).tolist()
-    return [
-        {"scores": scores[i, :n], "labels": labels[i, :n], "boxes": xyxy[i, :n]} for i, n in enumerate(counts)
-    ]
+    return [{"scores": scores[i, :n], "labels": labels[i, :n], "boxes": xyxy[i, :n]} for i, n in enumerate(counts)]

@@ -25,10 +25,7 @@ def draw_detections(image, detections: Detections, *, width: int = 2) -> torch.T
         return img
     labels = [f"{n} {s:.2f}" for n, s in zip(detections.names, detections.scores.tolist(), strict=True)]
     colors = [_PALETTE[int(c) % len(_PALETTE)] for c in detections.labels.tolist()]
-    font_size = max(10, min(img.shape[1:]) // 40)
-    return draw_bounding_boxes(
-        img, detections.boxes.float(), labels=labels, colors=colors, width=width, font_size=font_size
-    )
+    return draw_bounding_boxes(img, detections.boxes.float(), labels=labels, colors=colors, width=width)
 
 
 def save_image(image: torch.Tensor, path: str | Path) -> Path:

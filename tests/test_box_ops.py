@@ -92,9 +92,7 @@ def test_elementwise_equals_diagonal_and_broadcasts_over_coordinate_planes():
 def test_degenerate_boxes_have_finite_gradients():
     pred = degenerate_xyxy().requires_grad_()
     target = degenerate_xyxy().flip(0)
-    loss = (1 - elementwise_generalized_box_iou(pred, target)).sum() + (
-        1 - generalized_box_iou(pred, pred)
-    ).sum()
+    loss = (1 - elementwise_generalized_box_iou(pred, target)).sum() + (1 - generalized_box_iou(pred, pred)).sum()
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(pred.grad).all()
 

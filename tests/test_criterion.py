@@ -30,17 +30,13 @@ def make_batch(
     for n in num_targets:
         cxcy = 0.2 + 0.6 * torch.rand(n, 2, generator=g)
         wh = 0.05 + 0.3 * torch.rand(n, 2, generator=g)
-        targets.append(
-            {"labels": torch.randint(0, K, (n,), generator=g), "boxes": torch.cat([cxcy, wh], dim=1)}
-        )
+        targets.append({"labels": torch.randint(0, K, (n,), generator=g), "boxes": torch.cat([cxcy, wh], dim=1)})
     return outputs, targets
 
 
 def make_criterion(focal: bool = False, **kwargs) -> SetCriterion:
     matcher = HungarianMatcher(cost_class=2.0 if focal else 1.0, focal=focal)
-    return SetCriterion(
-        num_classes=K, matcher=matcher, focal=focal, weight_ce=2.0 if focal else 1.0, **kwargs
-    )
+    return SetCriterion(num_classes=K, matcher=matcher, focal=focal, weight_ce=2.0 if focal else 1.0, **kwargs)
 
 
 def weighted_total(losses: dict, criterion: SetCriterion, prefix: str = "") -> torch.Tensor:
@@ -158,9 +154,7 @@ def test_focal_loss_follows_official_formula():
     logits = outputs["pred_logits"]
     onehot = torch.zeros_like(logits)
     batch_idx, query_idx = matched_query_index(indices)
-    onehot[
-        batch_idx, query_idx, torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices, strict=True)])
-    ] = 1
+    onehot[batch_idx, query_idx, torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices, strict=True)])] = 1
     prob = logits.sigmoid()
     ce = F.binary_cross_entropy_with_logits(logits, onehot, reduction="none")
     p_t = prob * onehot + (1 - prob) * (1 - onehot)

@@ -30,9 +30,7 @@ def random_case(
     return outputs, targets
 
 
-def reference_cost(
-    logits, boxes, labels, tgt_boxes, *, focal, weights=(1.0, 5.0, 2.0), alpha=0.25, gamma=2.0
-):
+def reference_cost(logits, boxes, labels, tgt_boxes, *, focal, weights=(1.0, 5.0, 2.0), alpha=0.25, gamma=2.0):
     """One image's (Q, N) cost written as in the official DETR / Deformable DETR matchers."""
     if focal:
         prob = logits.sigmoid()
@@ -127,9 +125,7 @@ def test_single_cost_terms(weights):
 def test_non_finite_predictions_give_a_clear_error(key):
     outputs, targets = random_case(3, 5, [2, 2, 0], focal=False, seed=8)
     outputs[key][1, 0, 0] = float("nan") if key == "pred_logits" else float("inf")
-    with pytest.raises(
-        NonFiniteCostError, match=rf"NaN or inf entries for images \[1\].*{key} finite: False"
-    ):
+    with pytest.raises(NonFiniteCostError, match=rf"NaN or inf entries for images \[1\].*{key} finite: False"):
         HungarianMatcher()(outputs, targets)
 
 

@@ -7,9 +7,7 @@ from detrkit.postprocess import postprocess
 
 def test_softmax_scaling_to_original_size_and_clamping():
     # K=2 (+ no-object). Query 0: class 1 with 0.7; query 1: class 0 with 0.2 (no-object 0.75 ignored).
-    logits = torch.tensor(
-        [[[0.1, 0.7, 0.2], [0.2, 0.05, 0.75]]]
-    ).log()  # softmax(log p) = p as each row sums to 1
+    logits = torch.tensor([[[0.1, 0.7, 0.2], [0.2, 0.05, 0.75]]]).log()  # softmax(log p) = p as each row sums to 1
     boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.4], [0.95, 0.1, 0.3, 0.4]]])
     result = postprocess({"pred_logits": logits, "pred_boxes": boxes}, torch.tensor([[100, 200]]))
     assert len(result) == 1
@@ -18,9 +16,7 @@ def test_softmax_scaling_to_original_size_and_clamping():
     torch.testing.assert_close(r["labels"], torch.tensor([1, 0]))
     # [h, w] = [100, 200]: (0.4, 0.3, 0.6, 0.7) * (200, 100, 200, 100); the second box (0.8, -0.1, 1.1, 0.3)
     # is clamped to the image.
-    torch.testing.assert_close(
-        r["boxes"], torch.tensor([[80.0, 30.0, 120.0, 70.0], [160.0, 0.0, 200.0, 30.0]])
-    )
+    torch.testing.assert_close(r["boxes"], torch.tensor([[80.0, 30.0, 120.0, 70.0], [160.0, 0.0, 200.0, 30.0]]))
 
 
 def test_threshold_top_k_and_per_image_sizes():
@@ -35,9 +31,7 @@ def test_threshold_top_k_and_per_image_sizes():
         expected = expected[expected > 0.3]
         torch.testing.assert_close(r["scores"], expected)
         assert r["boxes"].shape == (len(expected), 4) and r["labels"].dtype == torch.int64
-        assert (
-            (r["boxes"] >= 0).all() and (r["boxes"][:, 0::2] <= w).all() and (r["boxes"][:, 1::2] <= h).all()
-        )
+        assert (r["boxes"] >= 0).all() and (r["boxes"][:, 0::2] <= w).all() and (r["boxes"][:, 1::2] <= h).all()
     all_kept = postprocess({"pred_logits": logits, "pred_boxes": boxes}, sizes, top_k=1000)
     assert [len(r["scores"]) for r in all_kept] == [50, 50, 50]  # top_k larger than Q keeps every query
 
@@ -75,9 +69,7 @@ def test_focal_top_k_over_queries_and_classes():
     assert r["labels"].tolist() == [3, 7, 7, 11]
     torch.testing.assert_close(
         r["boxes"],
-        torch.tensor(
-            [[5.0, 2.5, 15.0, 7.5], [5.0, 2.5, 15.0, 7.5], [0.0, 0.0, 10.0, 5.0], [0.0, 0.0, 10.0, 5.0]]
-        ),
+        torch.tensor([[5.0, 2.5, 15.0, 7.5], [5.0, 2.5, 15.0, 7.5], [0.0, 0.0, 10.0, 5.0], [0.0, 0.0, 10.0, 5.0]]),
     )
 
 

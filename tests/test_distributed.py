@@ -1,0 +1,121 @@
+"""Distributed training on 2 CPU processes with gloo: equivalence with one process, and a torchrun run."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from test_engine import ROOT, tiny_overrides
+
+from detrkit.config import ModelConfig, RunConfig
+from detrkit.data import collate
+from detrkit.demo import generate_shapes_dataset
+from detrkit.engine import build_criterion
+from detrkit.models import build_model
+
+MODEL = ModelConfig(
+    backbone="resnet18",
+    trainable_stages=5,
+    hidden_dim=32,
+    nheads=4,
+    enc_layers=1,
+    dec_layers=2,
+    dim_feedforward=64,
+    num_queries=6,
+    num_classes=3,
+    dropout=0.0,
+    attention_dropout=0.0,
+    activation_dropout=0.0,
+)
+
+
+def _samples():
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for i, (h, w, n) in enumerate([(64, 80, 3), (96, 64, 1)]):
+        image = torch.randn(3, h, w, generator=g)
+        boxes = torch.rand(n, 4, generator=g) * 0.4 + 0.3
+        target = {"boxes": boxes, "labels": torch.randint(0, 3, (n,), generator=g), "image_id": i}
+        target["orig_size"] = target["size"] = torch.tensor([h, w])
+        out.append((image, target))
+    return out
+
+
+def _step(model, samples):
+    criterion = build_criterion(RunConfig(model=MODEL), 3)
+    batch = collate(samples)
+    losses = criterion(model(batch.pixel_values, batch.padding_mask), batch.targets)
+    losses["loss"].backward()
+    return losses
+
+
+def _worker(rank: int, port: int, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        model = build_model(MODEL)
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        losses = _step(ddp, [_samples()[rank]])
+        loss = losses["loss"].detach().clone()
+        dist.all_reduce(loss)
+        if rank == 0:
+            grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+            torch.save({"loss": loss / 2, "grads": grads}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_of_one_image_equal_one_process_of_two(tmp_path):
+    torch.manual_seed(0)
+    model = build_model(MODEL)
+    losses = _step(model, _samples())
+    single = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    out = tmp_path / "ddp.pt"
+    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=2, join=True)
+    ddp = torch.load(out, weights_only=True)
+    assert torch.allclose(ddp["loss"], losses["loss"].detach(), atol=1e-5), (ddp["loss"], losses["loss"])
+    assert ddp["grads"].keys() == single.keys()
+    worst = max((ddp["grads"][n] - single[n]).abs().max().item() for n in single)
+    assert worst < 1e-5, worst
+
+
+def test_torchrun_trains_with_two_processes(tmp_path):
+    shapes = generate_shapes_dataset(tmp_path / "data", num_train=8, num_val=4, min_side=48, max_side=64)
+    run = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "detrkit",
+        "train",
+        "demo",
+        *tiny_overrides(shapes, run, "train.epochs=1"),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es)" in proc.stderr
+    steps = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines() if '"step"' in x]
+    # 8 images, batch 2 per process, 2 processes: 2 steps, each seeing 4 images
+    assert [r["step"] for r in steps if r["type"] == "step"] == [1, 2]
+    assert json.loads((run / "metrics.json").read_text()).keys() >= {"AP", "AP50"}
+    assert (run / "model" / "model.safetensors").is_file()
+    assert Path(run / "log.jsonl").read_text().count('"type": "epoch"') == 1  # rank 0 alone writes logs
