@@ -78,6 +78,8 @@ class ResNetBackbone(nn.Module):
             replace_stride_with_dilation=[False, False, dilation] if name in ("resnet50", "resnet101") else None,
         )
         del body.fc, body.avgpool
+        for level in range(max(return_levels) + 1, 5):  # stages above the last one used would get no gradient
+            delattr(body, f"layer{level}")
         self.body = body
         self.return_levels = tuple(sorted(return_levels))
         self.mask_padding = mask_padding
@@ -113,7 +115,8 @@ class ResNetBackbone(nn.Module):
         stride = 4
         x = mask(x, stride)
         outputs: dict[int, Tensor] = {}
-        for level, layer in enumerate((b.layer1, b.layer2, b.layer3, b.layer4), start=1):
+        for level in range(1, max(self.return_levels) + 1):
+            layer = getattr(b, f"layer{level}")
             out_stride = self.strides[level - 1]
             for block in layer:
                 x = self._block(block, x, mask, stride)

@@ -27,6 +27,8 @@ class ModelConfig:
     class_names: tuple[str, ...] | None = None
     backbone: str = "resnet50"
     dilation: bool = False  # DC5: stride 16 in the last stage
+    # Which ResNet stage feeds the transformer: 4 (stride 32, the paper) or 3 (stride 16: finer, for small images).
+    feature_level: int = 4
     trainable_stages: int = 3  # layer2-4 train, the stem and layer1 stay frozen (paper recipe)
     backbone_weights: str | None = None  # torchvision weights name, e.g. "IMAGENET1K_V1"; downloaded when set
     backbone_norm: str = "frozen"  # "frozen" BatchNorm (paper) or "batch" (trainable, for training from scratch)
@@ -51,6 +53,8 @@ class ModelConfig:
             raise ValueError(f"unknown arch {self.arch!r}; known: {', '.join(ARCHITECTURES)}")
         if self.backbone not in RESNET_CHANNELS:
             raise ValueError(f"unknown backbone {self.backbone!r}; known: {', '.join(RESNET_CHANNELS)}")
+        if self.feature_level not in (3, 4):
+            raise ValueError(f"feature_level must be 3 or 4, got {self.feature_level}")
         if self.num_classes < 1:
             raise ValueError(f"num_classes must be ≥ 1, got {self.num_classes}")
         if self.hidden_dim % self.nheads:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detrkit.box_ops import box_cxcywh_to_xyxy, elementwise_generalized_box_iou
+from detrkit.distributed import all_reduce_mean
 from detrkit.matcher import HungarianMatcher
 
 __all__ = ["SetCriterion", "matched_query_index", "sigmoid_focal_loss"]
@@ -180,7 +181,12 @@ class SetCriterion(nn.Module):
             onehot = F.one_hot(target_classes, num_logits + 1)[..., :-1].to(logits.dtype)  # (B, Q, K)
             loss_ce = sigmoid_focal_loss(logits, onehot, num_boxes, alpha=self.focal_alpha, gamma=self.focal_gamma)
         else:
-            loss_ce = F.cross_entropy(logits.transpose(1, 2), target_classes, self.empty_weight.to(logits.dtype))
+            # The weighted mean over all queries, normalised by the weight total averaged over processes (not
+            # by this process's own total, as F.cross_entropy would): like ``num_boxes``, this makes N
+            # processes of batch b compute the same gradient as one process of batch N·b.
+            weights = self.empty_weight.to(logits.dtype)[target_classes]  # (B, Q)
+            ce = F.cross_entropy(logits.transpose(1, 2), target_classes, reduction="none")  # (B, Q)
+            loss_ce = (weights * ce).sum() / all_reduce_mean(weights.sum().detach())
 
         src_boxes = boxes[batch_idx, query_idx]  # (M, 4)
         tgt_boxes = matched.boxes.to(src_boxes)  # (M, 4)

@@ -37,7 +37,7 @@ from .config import ModelConfig, RunConfig
 from .criterion import SetCriterion
 from .data import CocoDetection, collate
 from .evaluation import COCO_METRIC_KEYS, CocoEvaluator, write_metrics
-from .matcher import HungarianMatcher
+from .matcher import HungarianMatcher, NonFiniteCostError
 from .models import Detector, build_model
 from .transforms import eval_transforms, train_transforms
 
@@ -49,6 +49,7 @@ ARCHITECTURE_FIELDS = (
     "arch",
     "backbone",
     "dilation",
+    "feature_level",
     "position_embedding",
     "hidden_dim",
     "nheads",
@@ -669,9 +670,12 @@ class Trainer:
             with ctx:
                 with _autocast(self.device, t.amp):
                     outputs = self.ddp_model(batch.pixel_values, batch.padding_mask)
-                losses = self.criterion(_to_float(outputs), batch.targets)
+                try:
+                    losses = self.criterion(_to_float(outputs), batch.targets)
+                except NonFiniteCostError:  # NaN/inf predictions: the matcher cannot run; skip like a NaN loss
+                    losses = {"loss": torch.tensor(float("nan"), device=self.device)}
                 loss = losses["loss"]
-                finite = _all_finite(loss)
+                finite = _all_finite(loss)  # every process must agree, or DDP would wait forever
                 if finite:
                     self.scaler.scale(loss / t.grad_accum_steps).backward()
                 else:
@@ -721,7 +725,8 @@ class Trainer:
             s.global_step += 1
             self._set_lr()
             updates += 1
-            step_stats = {k: sum(a[k] for a in accum) / len(accum) for k in accum[0]}
+            keys = dict.fromkeys(k for a in accum for k in a)  # a skipped micro-batch has only "loss" (NaN)
+            step_stats = {k: sum(a.get(k, math.nan) for a in accum) / len(accum) for k in keys}
             accum = []
             for k, v in step_stats.items():
                 sums[k] = sums.get(k, 0.0) + v
@@ -793,7 +798,7 @@ class Trainer:
 
 
 def _all_finite(loss: torch.Tensor) -> bool:
-    """Whether the loss is finite on every process (all must agree, or DDP would wait forever)."""
+    """Whether the loss is finite on every process."""
     flag = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=loss.device)
     if dist.is_distributed():
         torch.distributed.all_reduce(flag)

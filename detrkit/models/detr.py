@@ -151,7 +151,7 @@ class DETR(Detector):
             c.backbone,
             dilation=c.dilation,
             trainable_stages=c.trainable_stages,
-            return_levels=(4,),
+            return_levels=(c.feature_level,),
             weights=c.backbone_weights,
             mask_padding=c.mask_backbone_padding,
             norm=c.backbone_norm,
