@@ -29,6 +29,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
+from detrkit.images import pad_batch, read_rgb
 from detrkit.labels import LabelMap
 from detrkit.transforms import boxes_to_normalized_cxcywh
 
@@ -45,27 +46,6 @@ def _is_number(v: Any) -> bool:
 
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
-
-
-def load_rgb_image(path: str | Path) -> Image.Image:
-    """Open an image file as an RGB PIL image; errors name the file.
-
-    Grayscale, palette, CMYK and RGBA files are converted with ``convert("RGB")``; for RGBA that *discards*
-    the alpha channel (the stored colours of transparent pixels show) rather than compositing onto a
-    background. COCO has no transparent images, and any choice of background would be arbitrary.
-
-    The EXIF orientation tag is deliberately ignored: COCO annotations (and most tools that write COCO files)
-    are in the stored pixel grid, so rotating the image by its EXIF tag would misalign every box.
-    """
-    path = Path(path)
-    try:
-        with Image.open(path) as image:
-            image.load()  # decode now, inside the try, so truncated files are reported here
-            return image if image.mode == "RGB" else image.convert("RGB")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"image file not found: {path}") from None
-    except OSError as e:  # includes PIL.UnidentifiedImageError and truncated-file errors
-        raise OSError(f"cannot read image file {path}: {e}") from e
 
 
 def _decode_segmentation(segmentation: Any, height: int, width: int, where: str) -> np.ndarray:
@@ -221,9 +201,9 @@ class CocoDetection(Dataset):
         return self.image_dir / self._images[self.ids[index]]["file_name"]
 
     def load_image(self, index: int) -> Image.Image:
-        """The RGB PIL image of sample ``index``, untransformed (see :func:`load_rgb_image`)."""
+        """The RGB PIL image of sample ``index``, untransformed (see :func:`detrkit.images.read_rgb`)."""
         path = self.image_path(index)
-        image = load_rgb_image(path)
+        image = read_rgb(path)
         info = self._images[self.ids[index]]
         expected = (info.get("width", image.width), info.get("height", image.height))
         if image.size != expected:
@@ -382,17 +362,7 @@ def collate(samples: Sequence[Sample], size_divisibility: int = 32) -> Batch:
             f"collate needs (C, H, W) images with one C, got shapes {[tuple(i.shape) for i in images]}"
         )
 
-    def round_up(x: int) -> int:
-        return -(-x // size_divisibility) * size_divisibility
-
-    height = round_up(max(img.shape[1] for img in images))
-    width = round_up(max(img.shape[2] for img in images))
-    pixel_values = images[0].new_zeros((len(images), channels.pop(), height, width))  # (B, 3, H, W)
-    padding_mask = torch.ones((len(images), height, width), dtype=torch.bool, device=images[0].device)
-    for i, img in enumerate(images):
-        h, w = img.shape[1:]
-        pixel_values[i, :, :h, :w].copy_(img)
-        padding_mask[i, :h, :w] = False
+    pixel_values, padding_mask = pad_batch(images, size_divisibility)  # (B, C, H, W), (B, H, W)
     return Batch(
         pixel_values=pixel_values,
         padding_mask=padding_mask,

@@ -1,4 +1,4 @@
-"""Reading images of any common mode into RGB, and the inference-time resize, normalisation and padding."""
+"""Reading images of any common mode into RGB, and padding images into a batch."""
 
 from __future__ import annotations
 
@@ -10,21 +10,28 @@ from typing import Any
 import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import Tensor
 
 
 def read_rgb(path: str | Path) -> Image.Image:
-    """Open ``path`` as an RGB PIL image. Grayscale, palette, CMYK and RGBA become RGB (alpha is dropped: COCO
-    annotations refer to the colour channels). Missing or unreadable files raise an error naming the file."""
+    """Open an image file as an RGB PIL image; a missing or unreadable file raises an error naming it.
+
+    Grayscale, palette, CMYK and RGBA files become RGB. For RGBA this *discards* the alpha channel (the stored
+    colours of transparent pixels show) rather than compositing onto a background: COCO has no transparent
+    images, and any choice of background would be arbitrary.
+
+    The EXIF orientation tag is deliberately ignored: COCO annotations (and most tools that write COCO files)
+    are in the stored pixel grid, so rotating the image by its EXIF tag would misalign every box.
+    """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image file not found: {path}")
     try:
         with Image.open(path) as im:
-            im.load()
+            im.load()  # decode now, inside the try, so truncated files are reported here
             return to_rgb(im)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image file not found: {path}") from None
+    except (OSError, SyntaxError, ValueError) as e:  # includes UnidentifiedImageError and truncated files
         raise OSError(f"cannot read image file {path}: {e}") from e
 
 
@@ -62,50 +69,18 @@ def load_image_tensor(image: Any) -> Tensor:
     raise TypeError(f"cannot read an image from {type(image).__name__}: use a PIL image, a path, a tensor or an array")
 
 
-def resized_shape(height: int, width: int, size: int, max_size: int | None) -> tuple[int, int]:
-    """DETR's resize rule: shorter side to ``size`` unless the longer side would exceed ``max_size``."""
-    short, long = min(height, width), max(height, width)
-    if max_size is not None and long / short * size > max_size:
-        size = int(round(max_size * short / long))
-    if height <= width:
-        return size, int(round(size * width / height))
-    return int(round(size * height / width)), size
-
-
 def pad_batch(images: Sequence[Tensor], size_divisibility: int = 32) -> tuple[Tensor, Tensor]:
-    """Pad ``(3,h_i,w_i)`` images top-left into ``pixel_values (B,3,H,W)`` (zeros) and ``padding_mask (B,H,W)``
-    (True on padding), H and W rounded up to a multiple of ``size_divisibility``."""
+    """Pad ``(C,h_i,w_i)`` images top-left into ``pixel_values (B,C,H,W)`` (zeros) and ``padding_mask (B,H,W)``
+    (True on padding), H and W rounded up to a multiple of ``size_divisibility`` (the backbone's stride, so an
+    image's valid feature cells do not depend on its batch-mates)."""
     h = max(im.shape[1] for im in images)
     w = max(im.shape[2] for im in images)
     if size_divisibility > 1:
         h = int(math.ceil(h / size_divisibility) * size_divisibility)
         w = int(math.ceil(w / size_divisibility) * size_divisibility)
-    pixel_values = images[0].new_zeros((len(images), 3, h, w))
+    pixel_values = images[0].new_zeros((len(images), images[0].shape[0], h, w))
     padding_mask = torch.ones((len(images), h, w), dtype=torch.bool, device=images[0].device)
     for i, im in enumerate(images):
         pixel_values[i, :, : im.shape[1], : im.shape[2]].copy_(im)
         padding_mask[i, : im.shape[1], : im.shape[2]] = False
     return pixel_values, padding_mask
-
-
-def collate_images(
-    images: Sequence[Tensor],
-    *,
-    size: int,
-    max_size: int | None,
-    mean: Sequence[float],
-    std: Sequence[float],
-    size_divisibility: int = 32,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Inference preprocessing of ``(3,H,W)`` [0, 1] images: resize, normalise, pad.
-
-    Returns ``pixel_values (B,3,H,W)``, ``padding_mask (B,H,W)`` and ``orig_sizes (B,2)`` as [h, w].
-    """
-    processed, orig = [], []
-    for im in images:
-        h, w = im.shape[-2:]
-        orig.append((h, w))
-        im = TF.resize(im, list(resized_shape(h, w, size, max_size)), antialias=True)
-        processed.append(TF.normalize(im, list(mean), list(std)))
-    pixel_values, padding_mask = pad_batch(processed, size_divisibility)
-    return pixel_values, padding_mask, torch.tensor(orig, dtype=torch.long)

@@ -13,9 +13,6 @@ from torch import Tensor, nn
 from ..config import ModelConfig
 from ..labels import LabelMap
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 
 @dataclass
 class Detections:
@@ -113,22 +110,21 @@ class Detector(nn.Module):
 
         Returns one :class:`Detections` per image, boxes in the original image's pixels.
         """
-        from ..images import collate_images, load_image_tensor
+        from ..images import load_image_tensor, pad_batch
+        from ..transforms import eval_transforms
 
         single = not isinstance(images, (list, tuple))
         items: Sequence[Any] = [images] if single else images
         was_training = self.training
         self.eval()
         device = next(self.parameters()).device
-        size = size or self.config.image_size
-        max_size = max_size or self.config.max_size
+        preprocess = eval_transforms(size=size or self.config.image_size, max_size=max_size or self.config.max_size)
         results: list[Detections] = []
         try:
             for start in range(0, len(items), batch_size):
-                tensors = [load_image_tensor(x) for x in items[start : start + batch_size]]
-                pixel_values, padding_mask, orig_sizes = collate_images(
-                    tensors, size=size, max_size=max_size, mean=IMAGENET_MEAN, std=IMAGENET_STD
-                )
+                images = [load_image_tensor(x) for x in items[start : start + batch_size]]
+                orig_sizes = torch.tensor([im.shape[-2:] for im in images], dtype=torch.long)
+                pixel_values, padding_mask = pad_batch([preprocess(im).as_subclass(torch.Tensor) for im in images])
                 outputs = self(pixel_values.to(device), padding_mask.to(device))
                 for det in self.postprocess(outputs, orig_sizes.to(device), threshold=threshold, top_k=top_k):
                     names = [self.label_map.names[self.label_map.to_label(int(c))] for c in det["labels"].tolist()]
