@@ -1,6 +1,6 @@
 """Run every ``bench_*.py`` in this folder, one after the other, each printing its comparable line(s).
 
-    python benchmarks/run_all.py [--quick]     # --quick scales the slow ones down for a smoke run
+python benchmarks/run_all.py [--quick]     # --quick scales the slow ones down for a smoke run
 """
 
 from __future__ import annotations

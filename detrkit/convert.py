@@ -340,9 +340,7 @@ _OFFICIAL_RULES: list[Rule] = [
 def _load_transformers_folder(folder: Path) -> tuple[ModelConfig, StateDict]:
     config_file = folder / "config.json"
     if not config_file.is_file():
-        raise FileNotFoundError(
-            f"{folder} has no config.json: it is neither a detrkit nor a transformers model"
-        )
+        raise FileNotFoundError(f"{folder} has no config.json: it is neither a detrkit nor a transformers model")
     hf = json.loads(config_file.read_text())
     if hf.get("format") == "detrkit":
         raise ValueError(f"{folder} is a detrkit folder: read it with detrkit.load")
@@ -369,9 +367,7 @@ def convert_transformers(
     Reads the 4.x and 5.x layouts with a timm or a transformers ResNet backbone (see the module docstring).
     """
     if any(k.startswith(("detr.", "mask_head.", "bbox_attention.")) for k in state):
-        raise ValueError(
-            f"{source} is a DetrForSegmentation checkpoint; detrkit converts detection models only"
-        )
+        raise ValueError(f"{source} is a DetrForSegmentation checkpoint; detrkit converts detection models only")
     renamed, unknown = _apply_rules(state, _HF_RULES)
     body = {k.removeprefix("<body>"): v for k, v in renamed.items() if k.startswith("<body>")}
     rest = {k: v for k, v in renamed.items() if not k.startswith("<body>")}
@@ -383,8 +379,7 @@ def convert_transformers(
     if weights_kind != kind:
         described = {"resnet": "a transformers ResNet", "timm": "a timm ResNet"}
         raise ValueError(
-            f"{source}: config.json describes {described[kind]} backbone, "
-            f"but the weights are {described[weights_kind]}"
+            f"{source}: config.json describes {described[kind]} backbone, but the weights are {described[weights_kind]}"
         )
     if kind == "resnet":
         body, body_unknown = _apply_rules(body, _HF_RESNET_RULES)
@@ -413,9 +408,7 @@ def _hf_backbone_kind(hf: dict[str, Any], source: str) -> tuple[str, dict[str, A
                 "out_indices": bc.get("out_indices"),
                 "num_channels": bc.get("num_channels", 3),
             }
-        raise ValueError(
-            f"{source}: backbone {bc.get('model_type')!r} is not supported; detrkit has ResNets only"
-        )
+        raise ValueError(f"{source}: backbone {bc.get('model_type')!r} is not supported; detrkit has ResNets only")
     if hf.get("use_timm_backbone", True):  # 4.x: timm unless told otherwise; DC5 from the top-level flag
         return "timm", {
             "name": hf.get("backbone") or "resnet50",
@@ -437,19 +430,13 @@ def _check_timm(info: dict[str, Any], name: str, source: str) -> bool:
             f"{', '.join(RESNET_LAYOUTS)}"
         )
     if timm_name != name:
-        raise ValueError(
-            f"{source}: config.json names backbone {info['name']!r} but the weights are a {name}"
-        )
+        raise ValueError(f"{source}: config.json names backbone {info['name']!r} but the weights are a {name}")
     if info.get("num_channels", 3) != 3:
         raise ValueError(f"{source}: only 3-channel (RGB) inputs are supported")
     if info.get("out_indices") and list(info["out_indices"])[-1] != 4:
-        raise ValueError(
-            f"{source}: DETR reads the last ResNet stage; out_indices {info['out_indices']} do not"
-        )
+        raise ValueError(f"{source}: DETR reads the last ResNet stage; out_indices {info['out_indices']} do not")
     if info.get("output_stride") not in (None, 32, 16):
-        raise ValueError(
-            f"{source}: timm output_stride {info['output_stride']} is not supported (32, or 16: DC5)"
-        )
+        raise ValueError(f"{source}: timm output_stride {info['output_stride']} is not supported (32, or 16: DC5)")
     return info.get("output_stride") == 16
 
 
@@ -477,13 +464,9 @@ def _check_hf_resnet(bc: dict[str, Any], name: str, source: str) -> bool:
         raise ValueError(f"{source}: a ResNet stem of width {bc['embedding_size']} is not supported (64)")
     depths, bottleneck = RESNET_LAYOUTS[name]
     if "depths" in bc and tuple(bc["depths"]) != depths:
-        raise ValueError(
-            f"{source}: backbone_config depths {bc['depths']} disagree with the weights ({name})"
-        )
+        raise ValueError(f"{source}: backbone_config depths {bc['depths']} disagree with the weights ({name})")
     if "layer_type" in bc and (bc["layer_type"] == "bottleneck") != bottleneck:
-        raise ValueError(
-            f"{source}: backbone_config layer_type {bc['layer_type']!r} disagrees with the weights"
-        )
+        raise ValueError(f"{source}: backbone_config layer_type {bc['layer_type']!r} disagrees with the weights")
     out = bc.get("out_features") or []
     if out and out[-1] != "stage4":
         raise ValueError(f"{source}: DETR reads the last ResNet stage; out_features {out} do not")
@@ -536,9 +519,7 @@ def _hf_model_config(
     id2label = {int(k): str(v) for k, v in (hf.get("id2label") or {}).items()}
     if id2label:
         if len(id2label) != num_classes:
-            raise ValueError(
-                f"{source}: id2label has {len(id2label)} labels but the class head {num_classes} classes"
-            )
+            raise ValueError(f"{source}: id2label has {len(id2label)} labels but the class head {num_classes} classes")
         # The keys are the published model's contiguous labels (COCO: 0..90, "N/A" where COCO has no class).
         category_ids = tuple(sorted(id2label))
         class_names = tuple(id2label[i] for i in category_ids)
@@ -582,9 +563,7 @@ def _convert_state_file(
     if any(k.startswith(("model.backbone.", "class_labels_classifier.")) for k in state):
         raise ValueError(f"{path} holds transformers weights: load the folder with its config.json instead")
     if any(k.startswith("detr.") for k in state):
-        raise ValueError(
-            f"{path} is an official DETR segmentation checkpoint; detrkit converts detection only"
-        )
+        raise ValueError(f"{path} is an official DETR segmentation checkpoint; detrkit converts detection only")
     raise ValueError(f"{path}: unrecognised checkpoint layout (keys: {_preview(state)})")
 
 
@@ -604,18 +583,14 @@ def convert_official(
     """
     args = args or {}
     if "transformer.encoder.norm.weight" in state or args.get("pre_norm"):
-        raise ValueError(
-            f"{source} is a pre-norm DETR (--pre_norm); detrkit implements the post-norm transformer"
-        )
+        raise ValueError(f"{source} is a pre-norm DETR (--pre_norm); detrkit implements the post-norm transformer")
     if any(not isinstance(v, Tensor) for v in state.values()):
         raise ValueError(f"{source}: the state dict holds values that are not tensors")
     converted, unknown = _apply_rules(state, _OFFICIAL_RULES)
     for needed in ("class_embed.weight", "query_embed.weight", "transformer.encoder.0.ffn.linear1.weight"):
         if needed not in converted:
             raise ValueError(f"{source} has no {needed}: not a DETR detection checkpoint")
-    body = {
-        k.removeprefix("backbone.body."): v for k, v in converted.items() if k.startswith("backbone.body.")
-    }
+    body = {k.removeprefix("backbone.body."): v for k, v in converted.items() if k.startswith("backbone.body.")}
     name = _resnet_name(body, source)
     if args.get("backbone") and args["backbone"] != name:
         raise ValueError(f"{source}: args.backbone is {args['backbone']!r} but the weights are a {name}")
@@ -663,8 +638,7 @@ def _resnet_name(body: StateDict, source: str) -> str:
             return name
     kind = "bottleneck" if bottleneck else "basic"
     raise ValueError(
-        f"{source}: a ResNet with {list(blocks)} {kind} blocks per stage is none of "
-        f"{', '.join(RESNET_LAYOUTS)}"
+        f"{source}: a ResNet with {list(blocks)} {kind} blocks per stage is none of {', '.join(RESNET_LAYOUTS)}"
     )
 
 

@@ -63,8 +63,7 @@ def _decode_segmentation(segmentation: Any, height: int, width: int, where: str)
     elif isinstance(segmentation, dict) and "counts" in segmentation and "size" in segmentation:
         if list(segmentation["size"]) != [height, width]:
             raise CocoFormatError(
-                f"{where}: RLE size {list(segmentation['size'])} does not match the image [h, w] = "
-                f"[{height}, {width}]"
+                f"{where}: RLE size {list(segmentation['size'])} does not match the image [h, w] = [{height}, {width}]"
             )
         counts = segmentation["counts"]
         if isinstance(counts, list):  # uncompressed RLE (COCO uses it for crowd regions)
@@ -72,9 +71,7 @@ def _decode_segmentation(segmentation: Any, height: int, width: int, where: str)
         elif isinstance(counts, (str, bytes)):  # compressed RLE string, decodable as is
             rle = {"size": [height, width], "counts": counts}
         else:
-            raise CocoFormatError(
-                f"{where}: RLE counts must be a list or a string, got {type(counts).__name__}"
-            )
+            raise CocoFormatError(f"{where}: RLE counts must be a list or a string, got {type(counts).__name__}")
     else:
         raise CocoFormatError(f"{where}: segmentation must be a list of polygons or an RLE dict")
     return np.ascontiguousarray(mask_utils.decode(rle), dtype=np.uint8)
@@ -179,8 +176,7 @@ class CocoDetection(Dataset):
                 raise CocoFormatError(f"{where} refers to unknown image id {ann['image_id']!r}")
             if ann["category_id"] not in category_ids:
                 raise CocoFormatError(
-                    f"{where} refers to unknown category id {ann['category_id']!r} "
-                    f"(known: {sorted(category_ids)})"
+                    f"{where} refers to unknown category id {ann['category_id']!r} (known: {sorted(category_ids)})"
                 )
             bbox = ann["bbox"]
             if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
@@ -248,9 +244,7 @@ class CocoDetection(Dataset):
 
         target: dict[str, Any] = {
             "boxes": tv_tensors.wrap(boxes[keep], like=boxes),
-            "labels": torch.tensor(
-                [self.label_map.to_label(a["category_id"]) for a in anns], dtype=torch.int64
-            ),
+            "labels": torch.tensor([self.label_map.to_label(a["category_id"]) for a in anns], dtype=torch.int64),
             "image_id": image_id,
             "orig_size": torch.tensor([height, width], dtype=torch.int64),
             "size": torch.tensor([height, width], dtype=torch.int64),
@@ -323,9 +317,7 @@ class Batch:
         return Batch(
             pixel_values=fn(self.pixel_values),
             padding_mask=fn(self.padding_mask),
-            targets=[
-                {k: fn(v) if isinstance(v, torch.Tensor) else v for k, v in t.items()} for t in self.targets
-            ],
+            targets=[{k: fn(v) if isinstance(v, torch.Tensor) else v for k, v in t.items()} for t in self.targets],
             orig_sizes=fn(self.orig_sizes),
             image_ids=list(self.image_ids),
         )
@@ -358,9 +350,7 @@ def collate(samples: Sequence[Sample], size_divisibility: int = 32) -> Batch:
     targets = [s[1] for s in samples]
     channels = {img.shape[0] for img in images}
     if any(img.ndim != 3 for img in images) or len(channels) != 1:
-        raise ValueError(
-            f"collate needs (C, H, W) images with one C, got shapes {[tuple(i.shape) for i in images]}"
-        )
+        raise ValueError(f"collate needs (C, H, W) images with one C, got shapes {[tuple(i.shape) for i in images]}")
 
     pixel_values, padding_mask = pad_batch(images, size_divisibility)  # (B, C, H, W), (B, H, W)
     return Batch(

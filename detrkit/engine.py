@@ -561,7 +561,12 @@ class Trainer:
         self.jsonl = JsonlLog(self.run_dir / "log.jsonl", self.is_main)
         self.tb = None
         if t.tensorboard and self.is_main:
-            from torch.utils.tensorboard import SummaryWriter
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise ValueError(
+                    "train.tensorboard=true needs the tensorboard package: pip install 'detrkit[tensorboard]'"
+                ) from e
 
             self.tb = SummaryWriter(str(self.run_dir / "tensorboard"))
         previous = self._install_signal_handlers()
@@ -749,13 +754,13 @@ class Trainer:
             bar.update(1, {"loss": step_stats["loss"], "lr": lr, "img/s": record["images_per_s"]})
             if t.checkpoint_every_steps and s.global_step % t.checkpoint_every_steps == 0:
                 self.save_checkpoint()
-            if self._stop_signal is not None:
+            if _any_process(self._stop_signal is not None, self.device):  # all processes stop at the same step
                 bar.close()
                 self.save_checkpoint()
                 if self.is_main:
                     log.warning(
-                        "stopped by signal %d after step %d; resume with --resume auto",
-                        self._stop_signal,
+                        "stopped by signal %s after step %d; resume with --resume auto",
+                        self._stop_signal or "on another process",
                         s.global_step,
                     )
                 return False
@@ -803,6 +808,15 @@ def _all_finite(loss: torch.Tensor) -> bool:
     if dist.is_distributed():
         torch.distributed.all_reduce(flag)
     return bool(flag.item() == 0)
+
+
+def _any_process(flag: bool, device: torch.device) -> bool:
+    """Whether ``flag`` is set on any process (torchrun forwards signals, but they may land between steps)."""
+    if not dist.is_distributed():
+        return flag
+    t = torch.tensor([float(flag)], device=device)  # NCCL reduces only device tensors
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def _in_main_thread() -> bool:

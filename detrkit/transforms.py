@@ -151,9 +151,7 @@ def per_box_target_fields(sample: Any) -> tuple[torch.Tensor, ...]:
     target = sample[1] if isinstance(sample, (tuple, list)) and len(sample) == 2 else sample
     if not isinstance(target, dict):
         return ()
-    return tuple(
-        target[k] for k in _PER_BOX_FIELDS if isinstance(target.get(k), torch.Tensor) and target[k].ndim >= 1
-    )
+    return tuple(target[k] for k in _PER_BOX_FIELDS if isinstance(target.get(k), torch.Tensor) and target[k].ndim >= 1)
 
 
 def _to_normalized_tensor(mean: Sequence[float], std: Sequence[float]) -> list[v2.Transform]:

@@ -23,6 +23,14 @@ TINY = dict(
 )
 
 
+def pytest_collection_modifyitems(config, items):
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA device")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def _threads():
     # Tests run on 2 cores; keep intra-op threads at what the machine has.

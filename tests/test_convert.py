@@ -40,11 +40,7 @@ def _randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
             t.copy_(torch.randn(t.shape, generator=g))
         elif t.dim() == 1:
             positive = name.endswith(("running_var", ".weight"))
-            t.copy_(
-                torch.rand(t.shape, generator=g) + 0.5
-                if positive
-                else 0.1 * torch.randn(t.shape, generator=g)
-            )
+            t.copy_(torch.rand(t.shape, generator=g) + 0.5 if positive else 0.1 * torch.randn(t.shape, generator=g))
         else:
             t.copy_(torch.randn(t.shape, generator=g) / math.sqrt(t[0].numel()))
     return model.eval()
@@ -261,9 +257,7 @@ def _edited_copy(src, dst, *, config=None, state=None):
 
 def test_transformers_folder_reads_preprocessor_size(hf_folder, tmp_path):
     folder = _edited_copy(hf_folder, tmp_path / "m")
-    (folder / "preprocessor_config.json").write_text(
-        json.dumps({"size": {"shortest_edge": 512, "longest_edge": 900}})
-    )
+    (folder / "preprocessor_config.json").write_text(json.dumps({"size": {"shortest_edge": 512, "longest_edge": 900}}))
     config, state = convert.load_published(folder)
     assert (config.image_size, config.max_size) == (512, 900)
     assert set(state) == set(detrkit.build(config).state_dict())
@@ -278,9 +272,7 @@ def test_other_model_type_is_refused(hf_folder, tmp_path):
 def test_transformers_unknown_keys_are_listed(hf_folder, tmp_path):
     def add(sd):
         sd["model.encoder.layers.0.mystery.weight"] = torch.zeros(2)
-        sd["model.encoder.layers.0.encoder_attn.q_proj.weight"] = torch.zeros(
-            2
-        )  # encoders have no cross-attn
+        sd["model.encoder.layers.0.encoder_attn.q_proj.weight"] = torch.zeros(2)  # encoders have no cross-attn
         return sd
 
     with pytest.raises(ValueError) as err:

@@ -398,10 +398,7 @@ def test_dataloader_with_partial_collate():
         for i, t in enumerate(b.targets):
             h, w = t["size"].tolist()
             assert min(h, w) == 48 and max(h, w) <= 96
-            assert (
-                not b.padding_mask[i, :h, :w].any()
-                and b.padding_mask[i].sum() == b.padding_mask[i].numel() - h * w
-            )
+            assert not b.padding_mask[i, :h, :w].any() and b.padding_mask[i].sum() == b.padding_mask[i].numel() - h * w
     assert [i for b in batches for i in b.image_ids] == ds.ids
 
 
@@ -428,9 +425,7 @@ def test_coco_mini_fixture_matches_json():
         assert image.shape == (3, info["height"], info["width"])
         assert target["orig_size"].tolist() == [info["height"], info["width"]]
         assert target["labels"].tolist() == [ds.label_map.to_label(a["category_id"]) for a in anns]
-        assert [ds.label_map.to_category_id(int(lbl)) for lbl in target["labels"]] == [
-            a["category_id"] for a in anns
-        ]
+        assert [ds.label_map.to_category_id(int(lbl)) for lbl in target["labels"]] == [a["category_id"] for a in anns]
         xyxy = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in anns)]).reshape(-1, 4)
         torch.testing.assert_close(ds.load_target(i)["boxes"].as_subclass(torch.Tensor), xyxy)
         # COCO's area is the polygons' exact area; the rasterised masks come within a few percent of it.
@@ -442,9 +437,7 @@ def test_coco_mini_fixture_matches_json():
 
 def test_coco_mini_through_train_transforms():
     pipeline = train_transforms(scales=(64, 80, 96), max_size=160, crop_resize=(64, 80), crop_size=(48, 64))
-    ds = CocoDetection(
-        FIXTURE / "images", FIXTURE / "annotations.json", transforms=pipeline, return_masks=True
-    )
+    ds = CocoDetection(FIXTURE / "images", FIXTURE / "annotations.json", transforms=pipeline, return_masks=True)
     torch.manual_seed(0)
     batch = collate([ds[i] for i in range(len(ds))])
     assert batch.pixel_values.shape[0] == 8 and batch.pixel_values.shape[-1] % 32 == 0

@@ -177,6 +177,27 @@ def test_nonfinite_losses_are_skipped_then_stop_training(shapes, tmp_path):
     assert torch.load(ckpts[0], weights_only=True)["state"]["nonfinite_total"] == 0
 
 
+def test_tensorboard_logs(shapes, tmp_path):
+    run = tmp_path / "run"
+    Trainer(tiny_config(shapes, run, "train.tensorboard=true", "train.epochs=1", "train.max_steps_per_epoch=2")).fit()
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.gpu
+def test_fp16_with_loss_scaling_on_gpu(shapes, tmp_path):
+    trainer = Trainer(tiny_config(shapes, tmp_path / "run", "train.device=cuda", "train.amp=fp16", "train.epochs=1"))
+    assert trainer.scaler.is_enabled()
+    trainer.fit()
+    assert trainer.state.global_step == 4
+
+
+def test_fp16_needs_a_gpu(shapes, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+        Trainer(tiny_config(shapes, tmp_path / "run", "train.amp=fp16", "train.device=cpu"))
+
+
 def test_ema_bf16_and_accumulation(shapes, tmp_path):
     run = tmp_path / "run"
     cfg = tiny_config(

@@ -61,11 +61,7 @@ def _randomize_(model: torch.nn.Module, seed: int) -> None:
             values = torch.randn(t.shape, generator=g)
         elif t.dim() == 1:
             positive = name.endswith(("running_var", ".weight"))  # variances and norm scales
-            values = (
-                torch.rand(t.shape, generator=g) + 0.5
-                if positive
-                else 0.1 * torch.randn(t.shape, generator=g)
-            )
+            values = torch.rand(t.shape, generator=g) + 0.5 if positive else 0.1 * torch.randn(t.shape, generator=g)
         else:
             values = torch.randn(t.shape, generator=g) / math.sqrt(t[0].numel())
         t.copy_(values)
@@ -107,9 +103,7 @@ def _assert_parity(hf_model: torch.nn.Module, folder) -> torch.nn.Module:
 def test_timm_backbone(tmp_path):
     hf = _hf_model(use_timm_backbone=True, backbone="resnet18")
     hf.save_pretrained(tmp_path)
-    assert (
-        json.loads((tmp_path / "config.json").read_text())["backbone_config"]["model_type"] == "timm_backbone"
-    )
+    assert json.loads((tmp_path / "config.json").read_text())["backbone_config"]["model_type"] == "timm_backbone"
     ours = _assert_parity(hf, tmp_path)
     c = ours.config
     assert (c.backbone, c.hidden_dim, c.nheads, c.enc_layers, c.dec_layers) == ("resnet18", 64, 4, 2, 2)
@@ -164,9 +158,7 @@ def _as_transformers4(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     for key, value in state.items():
         key = key.replace("model.backbone.model.", "model.backbone.conv_encoder.model.")
         key = key.replace("model.position_embedding.", "model.backbone.position_embedding.")
-        key = (
-            key.replace(".o_proj.", ".out_proj.").replace(".mlp.fc1.", ".fc1.").replace(".mlp.fc2.", ".fc2.")
-        )
+        key = key.replace(".o_proj.", ".out_proj.").replace(".mlp.fc1.", ".fc1.").replace(".mlp.fc2.", ".fc2.")
         out[key] = value
     return out
 
@@ -182,10 +174,7 @@ def test_transformers4_layout(tmp_path, backbone):
     state = _as_transformers4(hf.state_dict())
     stem = "conv1.weight" if backbone == "timm" else "embedder.embedder.convolution.weight"
     assert f"model.backbone.conv_encoder.model.{stem}" in state
-    assert (
-        "model.encoder.layers.0.self_attn.out_proj.weight" in state
-        and "model.decoder.layers.1.fc2.bias" in state
-    )
+    assert "model.encoder.layers.0.self_attn.out_proj.weight" in state and "model.decoder.layers.1.fc2.bias" in state
     bn = next(k for k in state if k.endswith("running_mean"))
     state[bn.replace("running_mean", "num_batches_tracked")] = torch.tensor(0)
     torch.save(state, tmp_path / "pytorch_model.bin")
@@ -193,13 +182,9 @@ def test_transformers4_layout(tmp_path, backbone):
     cfg = hf.config.to_dict()
     if backbone == "timm":
         cfg.pop("backbone_config")
-        cfg.update(
-            use_timm_backbone=True, backbone="resnet18", backbone_config=None, use_pretrained_backbone=True
-        )
+        cfg.update(use_timm_backbone=True, backbone="resnet18", backbone_config=None, use_pretrained_backbone=True)
     else:
-        cfg["backbone_config"].update(
-            out_features=["stage1", "stage2", "stage3", "stage4"], out_indices=[1, 2, 3, 4]
-        )
+        cfg["backbone_config"].update(out_features=["stage1", "stage2", "stage3", "stage4"], out_indices=[1, 2, 3, 4])
         cfg.update(use_timm_backbone=False, backbone=None)
     cfg["transformers_version"] = "4.40.0"
     (tmp_path / "config.json").write_text(json.dumps(cfg))
@@ -212,10 +197,7 @@ def test_transformers5_in_memory_names(tmp_path):
     hf = _hf_model(use_timm_backbone=True, backbone="resnet18")
     hf.save_pretrained(tmp_path)
     state = hf.state_dict()
-    assert (
-        "model.encoder.layers.0.self_attn.o_proj.weight" in state
-        and "model.backbone.model.conv1.weight" in state
-    )
+    assert "model.encoder.layers.0.self_attn.o_proj.weight" in state and "model.backbone.model.conv1.weight" in state
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "model.safetensors"))
     _assert_parity(hf, tmp_path)
 

@@ -172,9 +172,7 @@ def test_convert_boxes_to_normalized_cxcywh():
 
 
 def expected_pixel(color):
-    return torch.tensor(
-        [(c / 255 - m) / s for c, m, s in zip(color, IMAGENET_MEAN, IMAGENET_STD, strict=True)]
-    )
+    return torch.tensor([(c / 255 - m) / s for c, m, s in zip(color, IMAGENET_MEAN, IMAGENET_STD, strict=True)])
 
 
 def test_eval_transforms_hand_computed():
