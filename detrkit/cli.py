@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
 import sys
+import textwrap
 from pathlib import Path
 
 log = logging.getLogger("detrkit")
@@ -137,6 +139,25 @@ def _metrics_table(metrics: dict[str, float]) -> str:
     return " ".join(f"{k:>6}" for k in keys) + "\n" + " ".join(f"{metrics[k]:6.3f}" for k in keys)
 
 
+def _config_reference() -> str:
+    """Every config key with its default, for ``detrkit train --help``."""
+    from .config import PRESETS_DIR, RunConfig
+
+    lines = [f"presets: {', '.join(sorted(p.stem for p in PRESETS_DIR.glob('*.yaml')))}", "", "config keys (defaults):"]
+    for section in dataclasses.fields(RunConfig):
+        values = getattr(RunConfig(), section.name)
+        items = [f"{section.name}.{f.name}={getattr(values, f.name)}" for f in dataclasses.fields(values)]
+        lines.append("  " + "  ".join(items))
+
+    return "\n".join(
+        textwrap.fill(line, 100, subsequent_indent="    ") if line.startswith("  ") else line for line in lines
+    ) + (
+        "\n\nmodel.num_classes and the category ids and names come from the training annotations.\n"
+        "The run directory (train.output_dir) receives config.yaml, log.jsonl, checkpoints/, best/, model/, "
+        "metrics.json and curves.png."
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="detrkit", description="End-to-end transformer object detection (DETR family).")
     from . import __version__
@@ -152,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
         "data.train_images=coco/train2017. Run under `torchrun --nproc_per_node N -m detrkit train ...` for "
         "several GPUs or processes.",
     )
+    t.formatter_class = argparse.RawDescriptionHelpFormatter
+    t.epilog = _config_reference()
     t.add_argument("config", help="YAML config file or preset name")
     t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.epochs=50")
     t.add_argument(
