@@ -19,7 +19,12 @@ log = logging.getLogger("detrkit")
 
 # Category ids are deliberately not 0..K-1: the label mapping is part of what the demo exercises.
 SHAPES = {1: "circle", 3: "square", 5: "triangle"}
-DEMO_VERSION = 1
+DEMO_VERSION = 2
+# A shape may cover at most this fraction of the box of a shape drawn before it: overlaps stay, but no object is
+# hidden almost entirely (its annotation would then be unlearnable noise).
+MAX_COVERED = 0.35
+MIN_COLOR_DISTANCE = 60  # between a shape's colour and those of the shapes before it in the image
+PLACEMENT_TRIES = 30
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, kind: str, x: float, y: float, s: float, color: tuple) -> list[float]:
@@ -35,6 +40,18 @@ def _draw_shape(draw: ImageDraw.ImageDraw, kind: str, x: float, y: float, s: flo
     return [x, y, s, h]
 
 
+def _shape_box(kind: str, x: float, y: float, s: float) -> list[float]:
+    """The tight [x, y, w, h] box of the shape ``_draw_shape`` draws."""
+    return [x, y, s, s * math.sqrt(3) / 2 if kind == "triangle" else s]
+
+
+def _covered(below: list[float], above: list[float]) -> float:
+    """Fraction of box ``below`` ([x, y, w, h]) that box ``above`` overlaps."""
+    iw = min(below[0] + below[2], above[0] + above[2]) - max(below[0], above[0])
+    ih = min(below[1] + below[3], above[1] + above[3]) - max(below[1], above[1])
+    return max(iw, 0.0) * max(ih, 0.0) / (below[2] * below[3])
+
+
 def generate_shapes_dataset(
     root: str | Path,
     *,
@@ -47,7 +64,8 @@ def generate_shapes_dataset(
     """Write ``root/{train,val}/*.png`` and ``root/annotations/{train,val}.json`` (COCO instances format).
 
     Deterministic for a given seed. Each image has 1–4 shapes (circle, square, triangle) of random colours and
-    sizes on a noisy background, some overlapping. Returns the paths for a run config's ``data`` section.
+    sizes on a noisy background, some overlapping (a shape covers at most ``MAX_COVERED`` of the box of a shape
+    beneath it, and overlapping shapes differ in colour, so that every annotated object stays visible). Returns the paths for a run config's ``data`` section.
     Regenerates nothing when a complete dataset with the same parameters is already there.
     """
     root = Path(root)
@@ -80,13 +98,24 @@ def generate_shapes_dataset(
             canvas = np.clip(base[None, None, :] + noise, 0, 255).astype(np.uint8)
             img = Image.fromarray(canvas)
             draw = ImageDraw.Draw(img)
+            drawn: list[tuple[list[float], np.ndarray]] = []  # (box, colour) of the shapes so far
             for _ in range(int(rng.integers(1, 5))):
                 cid = int(rng.choice(list(SHAPES)))
-                s = float(rng.uniform(0.15, 0.45) * min(w, h))
-                x = float(rng.uniform(0, w - s))
-                y = float(rng.uniform(0, h - s))
-                color = tuple(int(c) for c in rng.integers(0, 140, size=3))  # darker than the background
-                box = _draw_shape(draw, SHAPES[cid], x, y, s, color)
+                for _ in range(PLACEMENT_TRIES):
+                    s = float(rng.uniform(0.15, 0.45) * min(w, h))
+                    x = float(rng.uniform(0, w - s))
+                    y = float(rng.uniform(0, h - s))
+                    color = rng.integers(0, 140, size=3)  # darker than the background
+                    box = _shape_box(SHAPES[cid], x, y, s)
+                    if all(
+                        _covered(old, box) <= MAX_COVERED and np.abs(color - c).sum() >= MIN_COLOR_DISTANCE
+                        for old, c in drawn
+                    ):
+                        break
+                else:
+                    continue  # no room left for another shape in this image
+                drawn.append((box, color))
+                _draw_shape(draw, SHAPES[cid], x, y, s, tuple(int(c) for c in color))
                 annotations.append(
                     {
                         "id": len(annotations) + 1,

@@ -184,3 +184,14 @@ def test_predict_accepts_paths_pil_tensors_and_arrays(tmp_path):
     assert m.training is False
     with pytest.raises(FileNotFoundError, match="nope.png"):
         m.predict(tmp_path / "nope.png")
+
+
+def test_focal_classification_option():
+    m = tiny_model(class_loss="focal").eval()
+    out = m(torch.randn(1, 3, 64, 64))
+    assert out["pred_logits"].shape == (1, 8, 3)  # K sigmoid logits, no no-object class
+    assert torch.allclose(out["pred_logits"].sigmoid().mean(), torch.tensor(0.01), atol=0.01)  # prior at init
+    det = m.predict(torch.rand(3, 40, 50), threshold=0.0, top_k=5)
+    assert len(det) == 5 and set(det.labels.tolist()) <= {0, 1, 2}
+    with pytest.raises(ValueError, match="class_loss"):
+        tiny_model(class_loss="hinge")

@@ -6,6 +6,8 @@ K classes (the class head has K+1 outputs, the last is no-object), D model width
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -140,7 +142,7 @@ class DETR(Detector):
     """DETR with a ResNet backbone, sine (or learned) position encodings and learned object queries.
 
     Forward: ``pixel_values (B,3,H,W)``, ``padding_mask (B,H,W)`` True on padding (or None) → dict with
-    ``pred_logits (B,Q,K+1)``, ``pred_boxes (B,Q,4)`` (normalised cx, cy, w, h of the unpadded image) and
+    ``pred_logits (B,Q,K+1)`` (``(B,Q,K)`` with ``class_loss="focal"``), ``pred_boxes (B,Q,4)`` (normalised cx, cy, w, h of the unpadded image) and
     ``aux_outputs``: one dict with the same keys per earlier decoder layer (when ``config.aux_loss``).
     """
 
@@ -169,7 +171,11 @@ class DETR(Detector):
             attention_dropout=c.attention_dropout,
             activation_dropout=c.activation_dropout,
         )
-        self.class_embed = nn.Linear(c.hidden_dim, c.num_classes + 1)
+        self.class_embed = nn.Linear(c.hidden_dim, c.num_classes if c.focal else c.num_classes + 1)
+        if c.focal:
+            # Start every sigmoid at probability 0.01 (RetinaNet's prior, as Deformable DETR): the focal loss
+            # would otherwise be swamped by the many easy negatives at the start.
+            nn.init.constant_(self.class_embed.bias, -math.log((1 - 0.01) / 0.01))
         self.bbox_embed = MLP(c.hidden_dim, c.hidden_dim, 4, 3)
 
     def forward(self, pixel_values: Tensor, padding_mask: Tensor | None = None) -> dict:
