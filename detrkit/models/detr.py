@@ -143,7 +143,8 @@ class DETR(Detector):
 
     Forward: ``pixel_values (B,3,H,W)``, ``padding_mask (B,H,W)`` True on padding (or None) → dict with
     ``pred_logits (B,Q,K+1)`` (``(B,Q,K)`` with ``class_loss="focal"``), ``pred_boxes (B,Q,4)`` (normalised cx,
-    cy, w, h of the unpadded image) and ``aux_outputs``: one dict with the same keys per earlier decoder layer (when ``config.aux_loss``).
+    cy, w, h of the unpadded image) and ``aux_outputs``: one dict with the same keys per earlier decoder layer
+    (when ``config.aux_loss``).
     """
 
     def __init__(self, config: ModelConfig) -> None:
