@@ -13,6 +13,8 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 test: $(STAMP)
+	$(BIN)/ruff check detrkit tests benchmarks
+	$(BIN)/ruff format --check detrkit tests benchmarks
 	$(BIN)/python -m pytest -q
 
 demo: $(STAMP)
