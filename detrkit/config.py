@@ -34,6 +34,10 @@ class ModelConfig:
     backbone_norm: str = "frozen"  # "frozen" BatchNorm (paper) or "batch" (trainable, for training from scratch)
     mask_backbone_padding: bool = True  # padding-exact backbone (see backbone.py); off for published weights
     position_embedding: str = "sine"  # or "learned"
+    # Wavelength base of the sine encoding. 10000 (the paper) spreads 64 frequencies over wavelengths up to
+    # 10000·2π, so on a feature map of a few cells most channels barely vary; a small base (e.g. 20) keeps them
+    # all position-dependent.
+    position_temperature: float = 10000.0
     hidden_dim: int = 256
     nheads: int = 8
     enc_layers: int = 6

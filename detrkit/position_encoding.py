@@ -87,9 +87,9 @@ class LearnedPositionEncoding(nn.Module):
         return pos.permute(2, 0, 1)[None].expand(b, -1, -1, -1)
 
 
-def build_position_encoding(kind: str, hidden_dim: int) -> nn.Module:
+def build_position_encoding(kind: str, hidden_dim: int, *, temperature: float = 10000.0) -> nn.Module:
     if kind == "sine":
-        return SinePositionEncoding(hidden_dim // 2, normalize=True)
+        return SinePositionEncoding(hidden_dim // 2, temperature=temperature, normalize=True)
     if kind == "learned":
         return LearnedPositionEncoding(hidden_dim // 2)
     raise ValueError(f"unknown position encoding {kind!r}: use 'sine' or 'learned'")

@@ -195,3 +195,14 @@ def test_focal_classification_option():
     assert len(det) == 5 and set(det.labels.tolist()) <= {0, 1, 2}
     with pytest.raises(ValueError, match="class_loss"):
         tiny_model(class_loss="hinge")
+
+
+def test_low_temperature_keeps_every_sine_channel_position_dependent():
+    mask = torch.zeros(1, 6, 9, dtype=torch.bool)
+    paper = SinePositionEncoding(32)((1, 6, 9), mask)
+    low = SinePositionEncoding(32, temperature=20)((1, 6, 9), mask)
+    spread = lambda pos: pos[0].flatten(1).std(1)  # noqa: E731 - per-channel variation over the map
+    assert (spread(paper) < 0.05).sum() > 30  # most of the paper's 64 channels are nearly constant on 6x9 cells
+    assert (spread(low) < 0.05).sum() < 8
+    m = tiny_model(position_temperature=20.0)
+    assert m.position_encoding.temperature == 20.0

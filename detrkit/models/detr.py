@@ -159,7 +159,9 @@ class DETR(Detector):
             mask_padding=c.mask_backbone_padding,
             norm=c.backbone_norm,
         )
-        self.position_encoding = build_position_encoding(c.position_embedding, c.hidden_dim)
+        self.position_encoding = build_position_encoding(
+            c.position_embedding, c.hidden_dim, temperature=c.position_temperature
+        )
         self.input_proj = nn.Conv2d(self.backbone.num_channels[-1], c.hidden_dim, kernel_size=1)
         self.query_embed = nn.Embedding(c.num_queries, c.hidden_dim)
         self.transformer = Transformer(
