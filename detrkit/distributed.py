@@ -76,8 +76,3 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
-
-
-def barrier() -> None:
-    if is_distributed():
-        dist.barrier()

@@ -47,6 +47,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from detrkit import distributed as dist
+
 __all__ = ["COCO_METRIC_KEYS", "CocoEvaluator", "evaluate_results_file", "write_metrics"]
 
 #: The 12 numbers of ``COCOeval.summarize()``, in its order (``COCOeval.stats``).
@@ -147,9 +149,8 @@ class CocoEvaluator:
         """
         if self._synchronized:
             return
-        if _world_size() > 1:
-            gathered: list[dict[int, _Detections] | None] = [None] * _world_size()
-            torch.distributed.all_gather_object(gathered, self._predictions)
+        if dist.world_size() > 1:
+            gathered = dist.all_gather_objects(self._predictions)
             merged: dict[int, _Detections] = {}
             # Rank order makes the kept copy of a repeated image the same on every process.
             for part in gathered:
@@ -521,29 +522,22 @@ def _quiet(verbose: bool) -> Iterator[None]:
 # Distributed helpers
 
 
-def _world_size() -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size()
-    return 1
-
-
 def _on_rank0_and_broadcast(compute: Callable[[], dict[str, float]]) -> dict[str, float]:
     """Run ``compute`` on rank 0 only and give its result (or its failure) to every rank."""
-    if _world_size() == 1:
+    if dist.world_size() == 1:
         return compute()
-    rank = torch.distributed.get_rank()
     error: BaseException | None = None
-    payload: list[Any] = [None]
-    if rank == 0:
+    payload: tuple[str, Any] | None = None
+    if dist.rank() == 0:
         try:
-            payload[0] = ("ok", compute())
+            payload = ("ok", compute())
         except Exception as e:  # re-raised below, once the other ranks are told
             error = e
-            payload[0] = ("error", f"{type(e).__name__}: {e}")
-    torch.distributed.broadcast_object_list(payload, src=0)
+            payload = ("error", f"{type(e).__name__}: {e}")
+    payload = dist.broadcast_object(payload, src=0)
     if error is not None:
         raise error
-    status, value = payload[0]
+    status, value = payload
     if status != "ok":
         raise RuntimeError(f"COCO evaluation failed on rank 0: {value}")
     return value
