@@ -16,16 +16,23 @@ from .models import Detections, Detector
 __version__ = "0.1.0"
 
 
-def build(config: ModelConfig | dict[str, Any] | None = None, *, label_map: LabelMap | None = None, **overrides: Any):
+def build(
+    config: ModelConfig | dict[str, Any] | str | None = None, *, label_map: LabelMap | None = None, **overrides: Any
+):
     """Build a randomly initialised detector.
 
-    ``config`` is a ``ModelConfig`` or a dict of its fields; ``overrides`` replace fields. With ``label_map`` (for
+    ``config`` is a ``ModelConfig``, a dict of its fields, or the name (or path) of a run config whose ``model``
+    section is used, e.g. ``"conditional_detr_r50"``; ``overrides`` replace fields. With ``label_map`` (for
     instance ``dataset.label_map``) the class count and the category ids and names come from the dataset.
     """
     from .models import build_model
 
     if config is None:
         config = ModelConfig()
+    elif isinstance(config, str):
+        from .config import load_run_config
+
+        config = load_run_config(config).model
     elif isinstance(config, dict):
         config = ModelConfig.from_dict(config)
     if label_map is not None:

@@ -1,7 +1,7 @@
 """Saving and loading weights safely: safetensors and ``torch.load(weights_only=True)`` only, atomic writes.
 
 A detrkit model folder holds ``config.json`` (the ``ModelConfig``, label map included) and ``model.safetensors``.
-``load`` also reads published checkpoints through ``convert.py``: a ``transformers`` folder or an official ``.pth``.
+``load`` also reads published checkpoints through ``convert/``: a ``transformers`` folder or an official ``.pth``.
 """
 
 from __future__ import annotations

@@ -13,7 +13,9 @@ from typing import Any
 
 from .backbone import RESNET_CHANNELS
 
-ARCHITECTURES = ("detr",)
+ARCHITECTURES = ("detr", "conditional_detr", "deformable_detr", "yolos")
+# Architectures built on a ResNet (the others bring their own backbone).
+RESNET_ARCHITECTURES = ("detr", "conditional_detr", "deformable_detr")
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,20 @@ class ModelConfig:
     # focal loss and matching cost of Deformable/Conditional DETR, which converges faster.
     class_loss: str = "softmax"
     aux_loss: bool = True
+    # -- Deformable DETR ---------------------------------------------------------------------------------------
+    num_feature_levels: int = 4  # backbone stages at strides 8/16/32 (+ extra stride-64 levels up to this count)
+    enc_points: int = 4  # sampling points per head and level in the encoder's deformable attention
+    dec_points: int = 4  # ... and in the decoder's cross-attention
+    box_refine: bool = False  # iterative bounding-box refinement (a box head per decoder layer)
+    two_stage: bool = False  # encoder proposals become the decoder's reference boxes and query positions
+    # -- YOLOS (arch "yolos", backbone "vit"): hidden_dim, nheads, enc_layers (ViT depth), dim_feedforward and
+    # num_queries (detection tokens) come from the fields above.
+    patch_size: int = 16
+    pretrain_image_size: tuple[int, int] = (800, 1333)  # (h, w) the position embeddings were learned at
+    mid_position_embeddings: bool = False  # YOLOS-S/B: position embeddings added before every block
+    # "mask": padded patches are masked out of attention (batch-independent results); "ignore": transformers'
+    # behaviour, padding is attended to like image content.
+    vit_padding: str = "mask"
     # Inference defaults travel with the model so `predict` resizes the way the model was trained.
     image_size: int = 800
     max_size: int = 1333
@@ -58,8 +74,18 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.arch not in ARCHITECTURES:
             raise ValueError(f"unknown arch {self.arch!r}; known: {', '.join(ARCHITECTURES)}")
-        if self.backbone not in RESNET_CHANNELS:
-            raise ValueError(f"unknown backbone {self.backbone!r}; known: {', '.join(RESNET_CHANNELS)}")
+        if self.arch in RESNET_ARCHITECTURES and self.backbone not in RESNET_CHANNELS:
+            raise ValueError(f"unknown backbone {self.backbone!r} for {self.arch}; known: {', '.join(RESNET_CHANNELS)}")
+        if self.arch == "yolos" and self.backbone != "vit":
+            raise ValueError(f"arch 'yolos' is a ViT: set backbone to 'vit' (got {self.backbone!r})")
+        if self.vit_padding not in ("mask", "ignore"):
+            raise ValueError(f"vit_padding must be 'mask' or 'ignore', got {self.vit_padding!r}")
+        if len(self.pretrain_image_size) != 2:
+            raise ValueError(f"pretrain_image_size must be (h, w), got {self.pretrain_image_size}")
+        object.__setattr__(self, "pretrain_image_size", tuple(int(v) for v in self.pretrain_image_size))
+        for name in ("num_feature_levels", "enc_points", "dec_points", "patch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
         if self.class_loss not in ("softmax", "focal"):
             raise ValueError(f"class_loss must be 'softmax' or 'focal', got {self.class_loss!r}")
         if self.feature_level not in (3, 4):
@@ -98,7 +124,7 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        for k in ("category_ids", "class_names"):
+        for k in ("category_ids", "class_names", "pretrain_image_size"):
             if d[k] is not None:
                 d[k] = list(d[k])
         return d

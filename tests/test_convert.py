@@ -309,7 +309,7 @@ def test_transformers_resnet_with_stride_on_1x1_is_refused():
     v1): torchvision's ResNet cannot compute that."""
     resnet = {"model_type": "resnet", "downsample_in_bottleneck": True}
     with pytest.raises(ValueError, match="downsample_in_bottleneck"):
-        convert._check_hf_resnet(resnet, "resnet50", "test")
+        convert.common.check_hf_resnet(resnet, "resnet50", "test")
 
 
 # -- Hub ids -------------------------------------------------------------------------------------------------

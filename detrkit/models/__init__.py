@@ -10,6 +10,8 @@ MODEL_CLASSES: dict[str, type[Detector]] = {"detr": DETR}
 
 
 def build_model(config: ModelConfig) -> Detector:
+    if config.arch not in MODEL_CLASSES:
+        raise ValueError(f"arch {config.arch!r} has no model class; known: {', '.join(MODEL_CLASSES)}")
     return MODEL_CLASSES[config.arch](config)
 
 
