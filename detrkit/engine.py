@@ -57,6 +57,14 @@ ARCHITECTURE_FIELDS = (
     "dec_layers",
     "dim_feedforward",
     "num_queries",
+    "num_feature_levels",
+    "enc_points",
+    "dec_points",
+    "box_refine",
+    "two_stage",
+    "patch_size",
+    "pretrain_image_size",
+    "mid_position_embeddings",
 )
 
 
@@ -187,15 +195,19 @@ def _require_files(images: str, annotations: str, split: str) -> None:
 
 
 def param_groups(model: nn.Module, lr: float, lr_backbone: float) -> list[dict[str, Any]]:
-    """AdamW groups: the backbone trains at ``lr_backbone`` (DETR section 4), everything else at ``lr``."""
-    backbone, rest = [], []
+    """AdamW groups: the backbone trains at ``lr_backbone`` (DETR section 4), everything else at ``lr`` times the
+    model's ``lr_scale(name)`` (Deformable DETR trains its sampling offsets and reference points at 0.1×)."""
+    groups: dict[float, list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (backbone if name.startswith("backbone.") else rest).append(p)
-    groups = [{"params": rest, "lr": lr}]
-    if backbone:
-        groups.append({"params": backbone, "lr": lr_backbone})
-    return groups
+            if name.startswith("backbone."):
+                group_lr = lr_backbone
+            else:
+                group_lr = lr * (model.lr_scale(name) if isinstance(model, Detector) else 1.0)
+            groups.setdefault(group_lr, []).append(p)
+    # the main group first: the logged learning rate is param_groups[0]'s
+    order = sorted(groups, key=lambda g: g != lr)
+    return [{"params": groups[g], "lr": g} for g in order]
 
 
 def lr_factor(step: int, *, config: RunConfig, steps_per_epoch: int) -> float:

@@ -77,6 +77,10 @@ class Detector(nn.Module):
             ]
         return out
 
+    def lr_scale(self, name: str) -> float:
+        """Learning-rate multiplier of the (non-backbone) parameter ``name``; architectures override it."""
+        return 1.0
+
     # -- inference --------------------------------------------------------------------------------------------
     def postprocess(
         self, outputs: dict[str, Any], orig_sizes: Tensor, *, threshold: float = 0.0, top_k: int = 100
