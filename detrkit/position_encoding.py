@@ -20,6 +20,8 @@ class SinePositionEncoding(nn.Module):
         temperature: the wavelength base (10000 as in "Attention is all you need").
         normalize: divide positions by the valid extent (then multiply by ``scale``).
         scale: range of normalised positions (2π).
+        offset: added to the 1-based cell index before normalising: 0 (DETR) puts the last valid cell at
+            ``scale``; -0.5 (Deformable DETR) encodes cell centres.
     """
 
     def __init__(
@@ -29,12 +31,14 @@ class SinePositionEncoding(nn.Module):
         temperature: float = 10000.0,
         normalize: bool = True,
         scale: float = 2 * math.pi,
+        offset: float = 0.0,
     ) -> None:
         super().__init__()
         self.num_feats = num_feats
         self.temperature = temperature
         self.normalize = normalize
         self.scale = scale
+        self.offset = offset
 
     def forward(self, shape: tuple[int, int, int], padding_mask: Tensor | None, *, device=None) -> Tensor:
         """Args: ``shape`` = (B, h, w); ``padding_mask (B,h,w)`` True on padding or None.
@@ -50,8 +54,8 @@ class SinePositionEncoding(nn.Module):
         x = not_mask.cumsum(2)
         if self.normalize:
             eps = 1e-6
-            y = y / (y[:, -1:, :] + eps) * self.scale
-            x = x / (x[:, :, -1:] + eps) * self.scale
+            y = (y + self.offset) / (y[:, -1:, :] + eps) * self.scale
+            x = (x + self.offset) / (x[:, :, -1:] + eps) * self.scale
         dim_t = torch.arange(self.num_feats, dtype=torch.float32, device=not_mask.device)
         dim_t = self.temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / self.num_feats)
         pos_x = x[..., None] / dim_t  # (B, h, w, F)
@@ -87,9 +91,25 @@ class LearnedPositionEncoding(nn.Module):
         return pos.permute(2, 0, 1)[None].expand(b, -1, -1, -1)
 
 
-def build_position_encoding(kind: str, hidden_dim: int, *, temperature: float = 10000.0) -> nn.Module:
+def sine_embed_points(points: Tensor, num_feats: int = 128, *, temperature: float = 10000.0) -> Tensor:
+    """Sine/cosine encoding of normalised points, the same frequencies as ``SinePositionEncoding`` on a map.
+
+    ``points (..., 2)`` (x, y) in [0, 1] → ``(..., 2*num_feats)`` ordered (y, x) like the feature-map encoding, so
+    a query at a point and the map cell there get matching position channels (Conditional DETR's spatial query).
+    """
+    dim_t = torch.arange(num_feats, dtype=torch.float32, device=points.device)
+    dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_feats)
+    pos = points[..., None].float() * (2 * math.pi) / dim_t  # (..., 2, F)
+    pos = torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=-1).flatten(-2)  # (..., 2, F)
+    return torch.cat((pos[..., 1, :], pos[..., 0, :]), dim=-1).to(points.dtype)
+
+
+def build_position_encoding(
+    kind: str, hidden_dim: int, *, temperature: float = 10000.0, offset: float = 0.0
+) -> nn.Module:
+    """``offset`` (sine only): -0.5 encodes cell centres, as Deformable DETR."""
     if kind == "sine":
-        return SinePositionEncoding(hidden_dim // 2, temperature=temperature, normalize=True)
+        return SinePositionEncoding(hidden_dim // 2, temperature=temperature, normalize=True, offset=offset)
     if kind == "learned":
         return LearnedPositionEncoding(hidden_dim // 2)
     raise ValueError(f"unknown position encoding {kind!r}: use 'sine' or 'learned'")

@@ -16,18 +16,20 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from ..config import ModelConfig
-from . import detr
+from . import conditional_detr, detr
 from .common import StateDict, preview, read_transformers_weights, torch_load_tensors
 
 # transformers ``model_type`` → converter of (config.json as a dict, state dict, source=...)
 TRANSFORMERS_CONVERTERS: dict[str, Callable[..., tuple[ModelConfig, StateDict]]] = {
     "detr": detr.convert_transformers,
+    "conditional_detr": conditional_detr.convert_transformers,
 }
 
 # Official ``.pth`` layouts, tried in order: (does this state dict have the layout?, converter of (state dict,
 # args=..., source=..., path=...)). More specific layouts come first: every official repository of the family
 # starts its keys with ``backbone.0.body.``.
 OFFICIAL_CONVERTERS: list[tuple[Callable[[StateDict], bool], Callable[..., tuple[ModelConfig, StateDict]]]] = [
+    (conditional_detr.is_official, conditional_detr.convert_official_file),
     (detr.is_official, detr.convert_official_file),
 ]
 

@@ -145,15 +145,22 @@ _OFFICIAL_RULES: list[Rule] = [
 
 
 def convert_transformers(
-    hf_config: dict[str, Any], state: StateDict, *, source: str = "checkpoint"
+    hf_config: dict[str, Any],
+    state: StateDict,
+    *,
+    source: str = "checkpoint",
+    arch: str = "detr",
+    rules: list[Rule] | None = None,
 ) -> tuple[ModelConfig, StateDict]:
     """Convert a ``DetrForObjectDetection`` state dict and its ``config.json`` (as a dict) to detrkit.
 
     Reads the 4.x and 5.x layouts with a timm or a transformers ResNet backbone (see the module docstring).
+    ``arch`` and ``rules`` let single-scale relatives with DETR's backbone and encoder (Conditional DETR) reuse it:
+    their rules for what differs come before DETR's.
     """
     if any(k.startswith(("detr.", "mask_head.", "bbox_attention.")) for k in state):
         raise ValueError(f"{source} is a DetrForSegmentation checkpoint; detrkit converts detection models only")
-    renamed, unknown = apply_rules(state, _HF_RULES)
+    renamed, unknown = apply_rules(state, (rules or []) + _HF_RULES)
     body = {k.removeprefix("<body>"): v for k, v in renamed.items() if k.startswith("<body>")}
     rest = {k: v for k, v in renamed.items() if not k.startswith("<body>")}
     if not body:
@@ -172,7 +179,7 @@ def convert_transformers(
     name = resnet_name(body, source)
     dilation = check_hf_resnet(info, name, source) if kind == "resnet" else check_timm(info, name, source)
 
-    config = _hf_model_config(hf_config, backbone=name, dilation=dilation, state=rest, source=source)
+    config = _hf_model_config(hf_config, backbone=name, dilation=dilation, state=rest, source=source, arch=arch)
     converted = {**{f"backbone.body.{k}": v for k, v in body.items()}, **rest}
     check_against_model(config, converted, unknown=unknown, source=source)
     return config, converted
@@ -196,11 +203,18 @@ _DETR_CONFIG_DEFAULTS: dict[str, Any] = {
 }
 
 
+# what other single-scale configs default differently (ConditionalDetrConfig: 300 queries)
+_CONFIG_DEFAULTS_BY_ARCH: dict[str, dict[str, Any]] = {"conditional_detr": {"num_queries": 300}}
+# sigmoid (focal) class heads have K outputs, softmax heads K+1
+_FOCAL_ARCHS = ("conditional_detr",)
+
+
 def _hf_model_config(
-    hf: dict[str, Any], *, backbone: str, dilation: bool, state: StateDict, source: str
+    hf: dict[str, Any], *, backbone: str, dilation: bool, state: StateDict, source: str, arch: str = "detr"
 ) -> ModelConfig:
     """``ModelConfig`` from a transformers ``DetrConfig`` dict; absent fields take DetrConfig's defaults."""
-    hf = {**_DETR_CONFIG_DEFAULTS, **hf}
+    hf = {**_DETR_CONFIG_DEFAULTS, **_CONFIG_DEFAULTS_BY_ARCH.get(arch, {}), **hf}
+    focal = arch in _FOCAL_ARCHS
     for enc, dec in (
         ("encoder_ffn_dim", "decoder_ffn_dim"),
         ("encoder_attention_heads", "decoder_attention_heads"),
@@ -219,7 +233,7 @@ def _hf_model_config(
         )
     if "class_embed.weight" not in state:
         raise ValueError(f"{source} has no class head (class_labels_classifier): a DetrModel without heads?")
-    num_classes = state["class_embed.weight"].shape[0] - 1
+    num_classes = state["class_embed.weight"].shape[0] - (0 if focal else 1)
     category_ids = class_names = None
     id2label = {int(k): str(v) for k, v in (hf.get("id2label") or {}).items()}
     if id2label:
@@ -229,7 +243,8 @@ def _hf_model_config(
         category_ids = tuple(sorted(id2label))
         class_names = tuple(id2label[i] for i in category_ids)
     return ModelConfig(
-        arch="detr",
+        arch=arch,
+        class_loss="focal" if focal else "softmax",
         num_classes=num_classes,
         category_ids=category_ids,
         class_names=class_names,
@@ -269,6 +284,8 @@ def convert_official(
     args: dict[str, Any] | None = None,
     source: str = "checkpoint",
     dilation_hint: bool = False,
+    arch: str = "detr",
+    rules: list[Rule] | None = None,
 ) -> tuple[ModelConfig, StateDict]:
     """Convert an official facebookresearch/detr state dict; the config comes from tensor shapes and ``args``.
 
@@ -282,7 +299,8 @@ def convert_official(
         raise ValueError(f"{source} is a pre-norm DETR (--pre_norm); detrkit implements the post-norm transformer")
     if any(not isinstance(v, Tensor) for v in state.values()):
         raise ValueError(f"{source}: the state dict holds values that are not tensors")
-    converted, unknown = apply_rules(state, _OFFICIAL_RULES)
+    converted, unknown = apply_rules(state, (rules or []) + _OFFICIAL_RULES)
+    focal = arch in _FOCAL_ARCHS
     for needed in ("class_embed.weight", "query_embed.weight", "transformer.encoder.0.ffn.linear1.weight"):
         if needed not in converted:
             raise ValueError(f"{source} has no {needed}: not a DETR detection checkpoint")
@@ -296,8 +314,9 @@ def convert_official(
     num_queries, hidden_dim = converted["query_embed.weight"].shape
     dropout = float(args.get("dropout", 0.1))
     config = ModelConfig(
-        arch="detr",
-        num_classes=converted["class_embed.weight"].shape[0] - 1,
+        arch=arch,
+        class_loss="focal" if focal else "softmax",
+        num_classes=converted["class_embed.weight"].shape[0] - (0 if focal else 1),
         backbone=name,
         dilation=bool(args["dilation"]) if "dilation" in args else dilation_hint,
         trainable_stages=3,

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from ..config import ModelConfig
 from .base import Detections, Detector
+from .conditional_detr import ConditionalDETR
 from .detr import DETR
 
-MODEL_CLASSES: dict[str, type[Detector]] = {"detr": DETR}
+MODEL_CLASSES: dict[str, type[Detector]] = {
+    "detr": DETR,
+    "conditional_detr": ConditionalDETR,
+}
 
 
 def build_model(config: ModelConfig) -> Detector:
@@ -15,4 +19,11 @@ def build_model(config: ModelConfig) -> Detector:
     return MODEL_CLASSES[config.arch](config)
 
 
-__all__ = ["DETR", "Detections", "Detector", "MODEL_CLASSES", "build_model"]
+__all__ = [
+    "ConditionalDETR",
+    "DETR",
+    "Detections",
+    "Detector",
+    "MODEL_CLASSES",
+    "build_model",
+]

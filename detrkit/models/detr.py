@@ -138,14 +138,9 @@ class Transformer(nn.Module):
         return torch.stack(hs)  # (L, B, Q, D)
 
 
-class DETR(Detector):
-    """DETR with a ResNet backbone, sine (or learned) position encodings and learned object queries.
-
-    Forward: ``pixel_values (B,3,H,W)``, ``padding_mask (B,H,W)`` True on padding (or None) → dict with
-    ``pred_logits (B,Q,K+1)`` (``(B,Q,K)`` with ``class_loss="focal"``), ``pred_boxes (B,Q,4)`` (normalised cx,
-    cy, w, h of the unpadded image) and ``aux_outputs``: one dict with the same keys per earlier decoder layer
-    (when ``config.aux_loss``).
-    """
+class SingleScaleDetector(Detector):
+    """What DETR and Conditional DETR share: a ResNet whose last (or ``feature_level``) stage is projected to the
+    model width, with a 2-D position encoding of the valid region. Subclasses add the transformer and heads."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
@@ -163,6 +158,32 @@ class DETR(Detector):
             c.position_embedding, c.hidden_dim, temperature=c.position_temperature
         )
         self.input_proj = nn.Conv2d(self.backbone.num_channels[-1], c.hidden_dim, kernel_size=1)
+
+    def encode_image(self, pixel_values: Tensor, padding_mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``pixel_values (B,3,H,W)``, ``padding_mask (B,H,W)`` → the transformer's inputs: ``src (B,S,D)``,
+        ``pos (B,S,D)`` and ``flat_mask (B,S)`` True on padding (None when nothing is padded)."""
+        self._check_inputs(pixel_values, padding_mask)
+        ((feat, mask),) = self.backbone(pixel_values, padding_mask)  # (B, C, h, w), (B, h, w)
+        b, _, h, w = feat.shape
+        pos = self.position_encoding((b, h, w), mask, device=feat.device).to(feat.dtype)  # (B, D, h, w)
+        src = self.input_proj(feat).flatten(2).transpose(1, 2)  # (B, S, D)
+        pos = pos.flatten(2).transpose(1, 2)  # (B, S, D)
+        flat_mask = mask.flatten(1) if mask is not None and bool(mask.any()) else None  # (B, S)
+        return src, pos, flat_mask
+
+
+class DETR(SingleScaleDetector):
+    """DETR with a ResNet backbone, sine (or learned) position encodings and learned object queries.
+
+    Forward: ``pixel_values (B,3,H,W)``, ``padding_mask (B,H,W)`` True on padding (or None) → dict with
+    ``pred_logits (B,Q,K+1)`` (``(B,Q,K)`` with ``class_loss="focal"``), ``pred_boxes (B,Q,4)`` (normalised cx,
+    cy, w, h of the unpadded image) and ``aux_outputs``: one dict with the same keys per earlier decoder layer
+    (when ``config.aux_loss``).
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        c = config
         self.query_embed = nn.Embedding(c.num_queries, c.hidden_dim)
         self.transformer = Transformer(
             dim=c.hidden_dim,
@@ -176,20 +197,18 @@ class DETR(Detector):
         )
         self.class_embed = nn.Linear(c.hidden_dim, c.num_classes if c.focal else c.num_classes + 1)
         if c.focal:
-            # Start every sigmoid at probability 0.01 (RetinaNet's prior, as Deformable DETR): the focal loss
-            # would otherwise be swamped by the many easy negatives at the start.
-            nn.init.constant_(self.class_embed.bias, -math.log((1 - 0.01) / 0.01))
+            init_focal_bias(self.class_embed)
         self.bbox_embed = MLP(c.hidden_dim, c.hidden_dim, 4, 3)
 
     def forward(self, pixel_values: Tensor, padding_mask: Tensor | None = None) -> dict:
-        self._check_inputs(pixel_values, padding_mask)
-        ((feat, mask),) = self.backbone(pixel_values, padding_mask)  # (B, C, h, w), (B, h, w)
-        b, _, h, w = feat.shape
-        pos = self.position_encoding((b, h, w), mask, device=feat.device).to(feat.dtype)  # (B, D, h, w)
-        src = self.input_proj(feat).flatten(2).transpose(1, 2)  # (B, S, D)
-        pos = pos.flatten(2).transpose(1, 2)  # (B, S, D)
-        flat_mask = mask.flatten(1) if mask is not None and bool(mask.any()) else None  # (B, S)
+        src, pos, flat_mask = self.encode_image(pixel_values, padding_mask)
         hs = self.transformer(src, pos, flat_mask, self.query_embed.weight)  # (L, B, Q, D)
         logits = self.class_embed(hs)  # (L, B, Q, K+1)
         boxes = self.bbox_embed(hs).sigmoid()  # (L, B, Q, 4)
         return self._pack_outputs(logits, boxes)
+
+
+def init_focal_bias(class_embed: nn.Linear, prior: float = 0.01) -> None:
+    """Start every sigmoid at probability ``prior`` (RetinaNet's, as Deformable and Conditional DETR): the focal
+    loss would otherwise be swamped by the many easy negatives at the start."""
+    nn.init.constant_(class_embed.bias, -math.log((1 - prior) / prior))

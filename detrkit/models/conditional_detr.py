@@ -1,0 +1,249 @@
+"""Conditional DETR: Conditional DETR for Fast Training Convergence (Meng et al., ICCV 2021).
+
+What differs from DETR is the decoder's cross-attention: each query carries a 2-D reference point (predicted from
+its learned position), and each attention head compares content with content and position with position, by
+concatenating a content part and a spatial part of queries and keys instead of adding them. The spatial query is the
+sine embedding of the reference point, scaled element-wise by a vector predicted from the decoder embedding, so the
+decoder learns where to look (the extremities of an object) rather than finding it through content alone. Boxes
+are predicted relative to the reference point. Everything else (backbone, encoder, heads, focal loss, matcher,
+criterion) is DETR's or shared.
+
+Legend: B batch, S = h·w encoder tokens, Q queries, K classes, D model width, nh heads, hd = D / nh,
+L decoder layers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import ModelConfig
+from ..position_encoding import sine_embed_points
+from .detr import FFN, EncoderLayer, SingleScaleDetector, init_focal_bias
+from .layers import MLP
+
+
+def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
+    """logit(x), clamped so that points at 0 or 1 stay finite."""
+    x = x.clamp(0, 1)
+    return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
+
+
+class ConditionalSelfAttention(nn.Module):
+    """Self-attention among queries with separate content and position projections, summed (paper, section 3.3)."""
+
+    def __init__(self, dim: int, nheads: int, dropout: float) -> None:
+        super().__init__()
+        self.nheads = nheads
+        self.dropout = dropout
+        self.q_content = nn.Linear(dim, dim)
+        self.q_pos = nn.Linear(dim, dim)
+        self.k_content = nn.Linear(dim, dim)
+        self.k_pos = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
+
+    def forward(self, tgt: Tensor, query_pos: Tensor) -> Tensor:
+        """``tgt (B,Q,D)``, ``query_pos (B,Q,D)`` → ``(B,Q,D)``."""
+        b, q, d = tgt.shape
+        heads = (b, q, self.nheads, d // self.nheads)
+        qs = (self.q_content(tgt) + self.q_pos(query_pos)).view(heads).transpose(1, 2)  # (B, nh, Q, hd)
+        ks = (self.k_content(tgt) + self.k_pos(query_pos)).view(heads).transpose(1, 2)
+        vs = self.v(tgt).view(heads).transpose(1, 2)
+        out = F.scaled_dot_product_attention(qs, ks, vs, dropout_p=self.dropout if self.training else 0.0)
+        return self.out_proj(out.transpose(1, 2).reshape(b, q, d))
+
+
+class ConditionalCrossAttention(nn.Module):
+    """Cross-attention whose per-head queries and keys are [content, spatial] concatenations (2·hd channels).
+
+    The first decoder layer also adds the learned query position to the content query and the key position to the
+    content key (the paper keeps DETR's addition there; later layers rely on the spatial part alone), so only that
+    layer has ``q_pos``.
+    """
+
+    def __init__(self, dim: int, nheads: int, dropout: float, *, first: bool) -> None:
+        super().__init__()
+        self.nheads = nheads
+        self.dropout = dropout
+        self.q_content = nn.Linear(dim, dim)
+        self.q_pos = nn.Linear(dim, dim) if first else None
+        self.q_pos_sine = nn.Linear(dim, dim)
+        self.k_content = nn.Linear(dim, dim)
+        self.k_pos = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
+
+    def forward(
+        self,
+        tgt: Tensor,
+        query_pos: Tensor,
+        query_sine: Tensor,
+        memory: Tensor,
+        pos: Tensor,
+        padding_mask: Tensor | None,
+    ) -> Tensor:
+        """Args: ``tgt (B,Q,D)`` content queries, ``query_pos (B,Q,D)`` learned query positions, ``query_sine (B,Q,D)``
+        spatial queries, ``memory (B,S,D)``, ``pos (B,S,D)``, ``padding_mask (B,S)`` True on padding.
+
+        Returns ``(B,Q,D)``.
+        """
+        b, q, d = tgt.shape
+        s = memory.shape[1]
+        nh, hd = self.nheads, d // self.nheads
+        q_content = self.q_content(tgt)
+        k_content = self.k_content(memory)
+        k_pos = self.k_pos(pos)
+        if self.q_pos is not None:
+            q_content = q_content + self.q_pos(query_pos)
+            k_content = k_content + k_pos
+        q_spatial = self.q_pos_sine(query_sine)
+        # per head: [content (hd), spatial (hd)], so content meets content and position meets position
+        qs = torch.cat([q_content.view(b, q, nh, hd), q_spatial.view(b, q, nh, hd)], dim=-1).transpose(1, 2)
+        ks = torch.cat([k_content.view(b, s, nh, hd), k_pos.view(b, s, nh, hd)], dim=-1).transpose(1, 2)
+        vs = self.v(memory).view(b, s, nh, hd).transpose(1, 2)  # (B, nh, S, hd)
+        attn_mask = None if padding_mask is None else ~padding_mask[:, None, None, :]
+        # scale 1/sqrt(2·hd), the concatenated width, as the paper's implementation
+        out = F.scaled_dot_product_attention(
+            qs, ks, vs, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
+        )  # (B, nh, Q, hd)
+        return self.out_proj(out.transpose(1, 2).reshape(b, q, d))
+
+
+class ConditionalDecoderLayer(nn.Module):
+    """Post-norm decoder layer: conditional self-attention, conditional cross-attention, FFN."""
+
+    def __init__(
+        self,
+        dim: int,
+        nheads: int,
+        ffn_dim: int,
+        dropout: float,
+        attention_dropout: float,
+        act_dropout: float,
+        *,
+        first: bool,
+    ) -> None:
+        super().__init__()
+        self.self_attn = ConditionalSelfAttention(dim, nheads, attention_dropout)
+        self.cross_attn = ConditionalCrossAttention(dim, nheads, attention_dropout, first=first)
+        self.ffn = FFN(dim, ffn_dim, act_dropout)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+        self.dropout3 = nn.Dropout(dropout)
+
+    def forward(
+        self,
+        tgt: Tensor,
+        query_pos: Tensor,
+        query_sine: Tensor,
+        memory: Tensor,
+        pos: Tensor,
+        padding_mask: Tensor | None,
+    ) -> Tensor:
+        tgt = self.norm1(tgt + self.dropout1(self.self_attn(tgt, query_pos)))
+        attended = self.cross_attn(tgt, query_pos, query_sine, memory, pos, padding_mask)
+        tgt = self.norm2(tgt + self.dropout2(attended))
+        return self.norm3(tgt + self.dropout3(self.ffn(tgt)))
+
+
+class ConditionalTransformer(nn.Module):
+    """DETR's encoder and the conditional decoder.
+
+    The decoder predicts one reference point per query from its learned position (``ref_point_head``, an MLP +
+    sigmoid), embeds it with the feature map's sine frequencies, and scales that embedding by ``query_scale``
+    (an MLP of the decoder state; identity in the first layer) to form each layer's spatial query.
+    """
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        nheads: int,
+        enc_layers: int,
+        dec_layers: int,
+        ffn_dim: int,
+        dropout: float,
+        attention_dropout: float,
+        activation_dropout: float,
+        temperature: float,
+    ) -> None:
+        super().__init__()
+        args = (dim, nheads, ffn_dim, dropout, attention_dropout, activation_dropout)
+        self.encoder = nn.ModuleList(EncoderLayer(*args) for _ in range(enc_layers))
+        self.decoder = nn.ModuleList(ConditionalDecoderLayer(*args, first=i == 0) for i in range(dec_layers))
+        self.decoder_norm = nn.LayerNorm(dim)
+        self.query_scale = MLP(dim, dim, dim, 2)
+        self.ref_point_head = MLP(dim, dim, 2, 2)
+        self.temperature = temperature
+        for p in self.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+
+    def forward(
+        self, src: Tensor, pos: Tensor, padding_mask: Tensor | None, query_embed: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Args: ``src (B,S,D)``, ``pos (B,S,D)``, ``padding_mask (B,S)`` or None, ``query_embed (Q,D)``.
+
+        Returns: every decoder layer's normalised output ``(L,B,Q,D)`` and the reference points ``(B,Q,2)``
+        (normalised x, y).
+        """
+        memory = src
+        for layer in self.encoder:
+            memory = layer(memory, pos, padding_mask)
+        b, d = src.shape[0], src.shape[2]
+        query_pos = query_embed[None].expand(b, -1, -1)  # (B, Q, D)
+        reference = self.ref_point_head(query_pos).sigmoid()  # (B, Q, 2)
+        sine = sine_embed_points(reference, d // 2, temperature=self.temperature)  # (B, Q, D)
+        tgt = torch.zeros_like(query_pos)
+        hs = []
+        for i, layer in enumerate(self.decoder):
+            query_sine = sine if i == 0 else sine * self.query_scale(tgt)
+            tgt = layer(tgt, query_pos, query_sine, memory, pos, padding_mask)
+            hs.append(self.decoder_norm(tgt))
+        return torch.stack(hs), reference
+
+
+class ConditionalDETR(SingleScaleDetector):
+    """Conditional DETR: DETR's backbone and encoder, the conditional decoder, 300 queries and a sigmoid class head.
+
+    Forward: ``pixel_values (B,3,H,W)``, ``padding_mask (B,H,W)`` True on padding (or None) → dict with
+    ``pred_logits (B,Q,K)`` (``(B,Q,K+1)`` with ``class_loss="softmax"``), ``pred_boxes (B,Q,4)`` (normalised cx, cy,
+    w, h of the unpadded image) and ``aux_outputs`` (one dict per earlier decoder layer, when ``config.aux_loss``).
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        c = config
+        self.query_embed = nn.Embedding(c.num_queries, c.hidden_dim)
+        self.transformer = ConditionalTransformer(
+            dim=c.hidden_dim,
+            nheads=c.nheads,
+            enc_layers=c.enc_layers,
+            dec_layers=c.dec_layers,
+            ffn_dim=c.dim_feedforward,
+            dropout=c.dropout,
+            attention_dropout=c.attention_dropout,
+            activation_dropout=c.activation_dropout,
+            temperature=c.position_temperature,
+        )
+        self.class_embed = nn.Linear(c.hidden_dim, c.num_classes if c.focal else c.num_classes + 1)
+        if c.focal:
+            init_focal_bias(self.class_embed)
+        self.bbox_embed = MLP(c.hidden_dim, c.hidden_dim, 4, 3)
+        # boxes start at the reference point with the size sigmoid(0) = half the image, as the paper's code
+        nn.init.zeros_(self.bbox_embed.layers[-1].weight)
+        nn.init.zeros_(self.bbox_embed.layers[-1].bias)
+
+    def forward(self, pixel_values: Tensor, padding_mask: Tensor | None = None) -> dict:
+        src, pos, flat_mask = self.encode_image(pixel_values, padding_mask)
+        hs, reference = self.transformer(src, pos, flat_mask, self.query_embed.weight)  # (L,B,Q,D), (B,Q,2)
+        logits = self.class_embed(hs)  # (L, B, Q, K)
+        offsets = self.bbox_embed(hs)  # (L, B, Q, 4)
+        centre = offsets[..., :2] + inverse_sigmoid(reference)  # offsets from the reference point, logit space
+        boxes = torch.cat([centre, offsets[..., 2:]], dim=-1).sigmoid()
+        return self._pack_outputs(logits, boxes)
