@@ -83,7 +83,8 @@ class RandomShorterSideResize(v2.Transform):
 
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
         height, width = v2.query_size(flat_inputs)
-        size = self.sizes[int(torch.randint(len(self.sizes), ()))]
+        # one size (evaluation) draws nothing: preprocessing must not advance the global RNG that dropout uses
+        size = self.sizes[int(torch.randint(len(self.sizes), ()))] if len(self.sizes) > 1 else self.sizes[0]
         return {"size": list(detr_resize_size(height, width, size, self.max_size))}
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:

@@ -264,8 +264,8 @@ def test_transformers_folder_reads_preprocessor_size(hf_folder, tmp_path):
 
 
 def test_other_model_type_is_refused(hf_folder, tmp_path):
-    folder = _edited_copy(hf_folder, tmp_path / "m", config={"model_type": "deformable_detr"})
-    with pytest.raises(ValueError, match="'deformable_detr' model"):
+    folder = _edited_copy(hf_folder, tmp_path / "m", config={"model_type": "rt_detr"})
+    with pytest.raises(ValueError, match="'rt_detr' model"):
         detrkit.load(folder)
 
 

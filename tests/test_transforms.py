@@ -249,3 +249,12 @@ def test_pipelines_pickle():
     # DataLoader workers receive the dataset, transforms included, by pickling.
     for pipeline in (train_transforms(), eval_transforms()):
         pickle.loads(pickle.dumps(pipeline))
+
+
+def test_eval_preprocessing_leaves_the_global_rng_alone():
+    """Evaluation between epochs must not shift the dropout randomness of the epochs after it (a run resumed
+    after an evaluation would otherwise differ from one that never stopped)."""
+    image = torch.rand(3, 50, 70)
+    state = torch.get_rng_state()
+    eval_transforms(size=64, max_size=80)(image)
+    assert torch.equal(state, torch.get_rng_state())
