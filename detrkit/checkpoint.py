@@ -105,7 +105,10 @@ def load(path: str | Path, *, map_location: str | torch.device = "cpu", **overri
         )
     if overrides:
         config = config.replace(**overrides)
-    model = build_model(config)
+    # the weights come from the file: building with the backbone's ImageNet weights would fetch (or read) them for
+    # nothing, and fail when they are not at hand; the config keeps its record of them
+    model = build_model(config.replace(backbone_weights=None))
+    model.config = config
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(

@@ -206,3 +206,16 @@ def test_low_temperature_keeps_every_sine_channel_position_dependent():
     assert (spread(low) < 0.05).sum() < 8
     m = tiny_model(position_temperature=20.0)
     assert m.position_encoding.temperature == 20.0
+
+
+def test_loading_saved_weights_does_not_fetch_backbone_weights(tmp_path):
+    """A model trained from ImageNet weights records them in its config; loading it takes every weight from the
+    file and must not download (or read) the ImageNet weights again: this machine is offline."""
+    m = tiny_model()
+    m.config = m.config.replace(backbone_weights="IMAGENET1K_V1")
+    m.save_pretrained(tmp_path / "m")
+    loaded = detrkit.load(tmp_path / "m")
+    assert loaded.config.backbone_weights == "IMAGENET1K_V1"
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x)["pred_boxes"], m.eval()(x)["pred_boxes"])
