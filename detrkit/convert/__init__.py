@@ -16,13 +16,14 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from ..config import ModelConfig
-from . import conditional_detr, detr
+from . import conditional_detr, detr, yolos
 from .common import StateDict, preview, read_transformers_weights, torch_load_tensors
 
 # transformers ``model_type`` → converter of (config.json as a dict, state dict, source=...)
 TRANSFORMERS_CONVERTERS: dict[str, Callable[..., tuple[ModelConfig, StateDict]]] = {
     "detr": detr.convert_transformers,
     "conditional_detr": conditional_detr.convert_transformers,
+    "yolos": yolos.convert_transformers,
 }
 
 # Official ``.pth`` layouts, tried in order: (does this state dict have the layout?, converter of (state dict,

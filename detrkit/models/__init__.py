@@ -6,10 +6,12 @@ from ..config import ModelConfig
 from .base import Detections, Detector
 from .conditional_detr import ConditionalDETR
 from .detr import DETR
+from .yolos import YOLOS
 
 MODEL_CLASSES: dict[str, type[Detector]] = {
     "detr": DETR,
     "conditional_detr": ConditionalDETR,
+    "yolos": YOLOS,
 }
 
 
@@ -25,5 +27,6 @@ __all__ = [
     "Detections",
     "Detector",
     "MODEL_CLASSES",
+    "YOLOS",
     "build_model",
 ]
