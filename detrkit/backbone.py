@@ -10,6 +10,7 @@ the padded computation equal to the unpadded one, position for position, at a co
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
@@ -136,6 +137,46 @@ class ResNetBackbone(nn.Module):
                 level_mask = F.interpolate(padding_mask[None].float(), size=feat.shape[-2:])[0].bool()
             result.append((feat, level_mask))
         return result
+
+    @torch.no_grad()
+    def fold_batchnorm(self) -> int:
+        """Fold every BatchNorm (frozen, or trainable in eval mode) into the convolution before it, for inference:
+        one convolution with a bias instead of a convolution and a per-channel affine pass over the whole feature
+        map. Returns the number of folded pairs. The backbone is inference-only afterwards (the statistics are
+        gone); outputs change only by float rounding.
+        """
+        pairs: list[tuple[nn.Module, str, str]] = [(self.body, "conv1", "bn1")]
+        for module in self.body.modules():
+            if isinstance(module, (torchvision.models.resnet.BasicBlock, torchvision.models.resnet.Bottleneck)):
+                pairs += [(module, f"conv{i}", f"bn{i}") for i in (1, 2, 3) if hasattr(module, f"bn{i}")]
+                if module.downsample is not None:
+                    pairs.append((module.downsample, "0", "1"))
+        folded = 0
+        for parent, conv_name, bn_name in pairs:
+            conv, bn = getattr(parent, conv_name), getattr(parent, bn_name)
+            if isinstance(bn, nn.Identity):
+                continue
+            if isinstance(bn, nn.BatchNorm2d) and bn.training:
+                raise RuntimeError("fold_batchnorm() folds running statistics: call model.eval() first")
+            scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
+            fused = nn.Conv2d(
+                conv.in_channels,
+                conv.out_channels,
+                conv.kernel_size,
+                stride=conv.stride,
+                padding=conv.padding,
+                dilation=conv.dilation,
+                groups=conv.groups,
+                bias=True,
+            ).to(device=conv.weight.device, dtype=conv.weight.dtype)
+            fused.weight.copy_(conv.weight * scale[:, None, None, None])
+            bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+            fused.bias.copy_((bias - bn.running_mean) * scale + bn.bias)
+            fused.requires_grad_(False)
+            setattr(parent, conv_name, fused)
+            setattr(parent, bn_name, nn.Identity())
+            folded += 1
+        return folded
 
     @staticmethod
     def _block(block: nn.Module, x: Tensor, mask, stride_in: int) -> Tensor:

@@ -61,7 +61,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from .transforms import eval_transforms
 
         device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        model = load(args.weights, map_location=device)
+        model = _optimized(load(args.weights, map_location=device), args)
         size = args.size or model.config.image_size
         max_size = args.max_size or model.config.max_size
         dataset = CocoDetection(args.images, args.annotations, transforms=eval_transforms(size=size, max_size=max_size))
@@ -99,7 +99,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if not paths:
         raise CliError(f"detrkit predict: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {', '.join(args.inputs)}")
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load(args.weights, map_location=device)
+    model = _optimized(load(args.weights, map_location=device), args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     records = []
@@ -116,6 +116,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     (out / "detections.json").write_text(json.dumps(records, indent=1))
     print(f"wrote {out / 'detections.json'} and {len(paths)} image(s) with boxes drawn to {out}")
     return 0
+
+
+def _optimized(model, args: argparse.Namespace):
+    if args.fast or args.bf16:
+        model.optimize_for_inference(bf16=args.bf16)
+    return model
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -200,6 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--size", type=int, help="shorter image side (default: the model's)")
     e.add_argument("--max-size", type=int, help="longer image side cap (default: the model's)")
     e.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    e.add_argument(
+        "--fast",
+        action="store_true",
+        help="fold BatchNorm into convolutions and use channels-last (same results up to float rounding)",
+    )
+    e.add_argument("--bf16", action="store_true", help="--fast plus bfloat16 autocast (faster, less exact)")
     e.set_defaults(func=cmd_eval)
 
     pr = sub.add_parser(
@@ -216,6 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--max-size", type=int, help="longer image side cap (default: the model's)")
     pr.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default: 4)")
     pr.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    pr.add_argument(
+        "--fast",
+        action="store_true",
+        help="fold BatchNorm into convolutions and use channels-last (same results up to float rounding)",
+    )
+    pr.add_argument("--bf16", action="store_true", help="--fast plus bfloat16 autocast (faster, less exact)")
     pr.set_defaults(func=cmd_predict)
 
     c = sub.add_parser(

@@ -369,7 +369,8 @@ def evaluate(
     for batch in loader:
         batch = batch.to(device)
         with _autocast(device, amp):
-            outputs = model(batch.pixel_values, batch.padding_mask)
+            forward = getattr(model, "_inference_forward", model)  # honours optimize_for_inference()
+            outputs = forward(batch.pixel_values, batch.padding_mask)
         outputs = _to_float(outputs)
         results = model.postprocess(outputs, batch.orig_sizes, threshold=0.0, top_k=100)
         evaluator.update({int(i): r for i, r in zip(batch.image_ids, results, strict=True)})

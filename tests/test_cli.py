@@ -18,7 +18,7 @@ from detrkit.evaluation import COCO_METRIC_KEYS
     [
         ("train", ["--resume", "KEY=VALUE", "torchrun"]),
         ("eval", ["--weights", "--images", "--annotations", "--results", "--out", "metrics.json"]),
-        ("predict", ["--weights", "--out", "--threshold", "IMAGE_OR_DIR", "detections.json"]),
+        ("predict", ["--weights", "--out", "--threshold", "IMAGE_OR_DIR", "detections.json", "--fast", "--bf16"]),
         ("convert", ["source", "dest"]),
         ("demo", ["--out"]),
     ],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 import torch
 from conftest import tiny_model
 from PIL import Image
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 import detrkit
 from detrkit.backbone import ResNetBackbone
@@ -219,3 +221,47 @@ def test_loading_saved_weights_does_not_fetch_backbone_weights(tmp_path):
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x)["pred_boxes"], m.eval()(x)["pred_boxes"])
+
+
+def _random_batchnorm_(model: torch.nn.Module) -> None:
+    """Non-trivial BatchNorm statistics and affines, so that folding them is really exercised."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for mod in model.backbone.modules():
+            if getattr(mod, "running_var", None) is not None:
+                mod.running_var.copy_(torch.rand(mod.running_var.shape, generator=g) + 0.5)
+                mod.running_mean.copy_(0.1 * torch.randn(mod.running_mean.shape, generator=g))
+                mod.weight.copy_(torch.rand(mod.weight.shape, generator=g) + 0.5)
+                mod.bias.copy_(0.1 * torch.randn(mod.bias.shape, generator=g))
+
+
+@pytest.mark.parametrize("norm", ["frozen", "batch"])
+def test_optimize_for_inference_keeps_outputs(norm):
+    """BatchNorm folded into the convolutions + channels-last: the same outputs up to float rounding, padding
+    included; bf16 autocast stays close."""
+    m = tiny_model(backbone_norm=norm).eval()
+    _random_batchnorm_(m)
+    x = torch.randn(2, 3, 64, 96)
+    mask = torch.zeros(2, 64, 96, dtype=torch.bool)
+    mask[1, :, 64:] = True
+    with torch.no_grad():
+        ref = m(x, mask)
+    fast = copy.deepcopy(m).optimize_for_inference()
+    assert not any(isinstance(mod, (torch.nn.BatchNorm2d, FrozenBatchNorm2d)) for mod in fast.modules())
+    assert not any(p.requires_grad for p in fast.parameters())
+    with torch.no_grad():
+        out = fast._inference_forward(x, mask)
+    for k in ("pred_logits", "pred_boxes"):
+        assert (out[k] - ref[k]).abs().max() < 1e-4, k
+    with torch.no_grad():
+        low = copy.deepcopy(m).optimize_for_inference(bf16=True)._inference_forward(x, mask)
+    assert low["pred_boxes"].dtype == torch.float32
+    assert (low["pred_boxes"] - ref["pred_boxes"]).abs().max() < 0.05
+    dets = fast.predict(torch.rand(3, 50, 70), threshold=0.0, top_k=3)
+    assert len(dets) == 3
+
+
+def test_folding_needs_eval_mode():
+    m = tiny_model(backbone_norm="batch").train()
+    with pytest.raises(RuntimeError, match="eval"):
+        m.backbone.fold_batchnorm()
