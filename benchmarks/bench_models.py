@@ -1,0 +1,238 @@
+"""Whole-model inference and training step: detrkit against transformers, the same weights, per architecture.
+
+For each architecture a randomly initialised transformers model (native ResNet-50 backbone for the CNN models,
+YOLOS-S for YOLOS) is saved and loaded by detrkit, so both compute the same function; the outputs are compared
+before timing (max |logit diff| on every line). Same process, contenders alternated, medians after a warm-up,
+float32, ``torch.set_num_threads(--threads)``.
+
+- inference: batch 1 at 800×1216 and 512×512 under ``torch.inference_mode()``: transformers, detrkit as loaded,
+  and detrkit after ``optimize_for_inference()`` (BatchNorm folded, channels-last; float32, so the same outputs
+  up to rounding).
+- training step: forward + loss (5 boxes per image) + backward + AdamW at batch 2, 512×512; ResNet stages 2–4
+  trainable on both sides (the papers' recipe), every ViT weight for YOLOS.
+- ``--memory``: peak RSS of each contender alone, each in its own process (inference at 800×1216, training step).
+
+    .venv/bin/python benchmarks/bench_models.py [--arch detr conditional_detr deformable_detr yolos] [--runs 5]
+        [--threads 2] [--skip-train] [--skip-inference] [--memory]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+
+import torch
+import transformers
+
+import detrkit
+from detrkit.config import LossConfig, RunConfig
+from detrkit.engine import build_criterion
+from detrkit.models import MODEL_CLASSES
+
+ARCHS = ("detr", "conditional_detr", "deformable_detr", "yolos")
+
+
+def hf_model(arch: str) -> torch.nn.Module:
+    """The transformers model of ``arch`` at its published size (91 COCO labels), random weights."""
+    torch.manual_seed(0)
+    if arch == "detr":
+        return transformers.DetrForObjectDetection(transformers.DetrConfig(use_timm_backbone=False, num_labels=91))
+    if arch == "conditional_detr":
+        cfg = transformers.ConditionalDetrConfig(use_timm_backbone=False, num_labels=91)
+        return transformers.ConditionalDetrForObjectDetection(cfg)
+    if arch == "deformable_detr":
+        cfg = transformers.DeformableDetrConfig(use_timm_backbone=False, num_labels=91)
+        return transformers.DeformableDetrForObjectDetection(cfg)
+    if arch == "yolos":  # YOLOS-S (hustvl/yolos-small's architecture)
+        cfg = transformers.YolosConfig(
+            hidden_size=384,
+            num_attention_heads=6,
+            intermediate_size=1536,
+            image_size=[800, 1333],
+            use_mid_position_embeddings=False,
+            num_labels=91,
+        )
+        return transformers.YolosForObjectDetection(cfg)
+    raise ValueError(arch)
+
+
+def _median_times(fns: dict[str, Callable[[], None]], runs: int) -> dict[str, float]:
+    for fn in fns.values():
+        fn()  # warm-up (allocations, oneDNN primitives)
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(runs):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _load_pair(arch: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+    hf = hf_model(arch).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        hf.save_pretrained(tmp)
+        ours = detrkit.load(tmp).eval()
+    return hf, ours
+
+
+def bench_inference(arch: str, runs: int) -> None:
+    import copy
+
+    hf, ours = _load_pair(arch)
+    fast = copy.deepcopy(ours).optimize_for_inference()
+    for h, w in ((800, 1216), (512, 512)):
+        x = torch.randn(1, 3, h, w)
+        mask = torch.zeros(1, h, w, dtype=torch.bool)
+        with torch.inference_mode():
+            ref = hf(pixel_values=x).logits
+            diff = (ref - ours(x)["pred_logits"]).abs().max().item()
+            diff_fast = (ref - fast._inference_forward(x, mask)["pred_logits"]).abs().max().item()
+
+        def run(fn: Callable[[], object]) -> Callable[[], None]:
+            def timed() -> None:
+                with torch.inference_mode():
+                    fn()
+
+            return timed
+
+        t = _median_times(
+            {
+                "detrkit": run(lambda x=x: ours(x)),
+                "fast": run(lambda x=x, m=mask: fast._inference_forward(x, m)),
+                "transformers": run(lambda x=x: hf(pixel_values=x)),
+            },
+            runs,
+        )
+        print(
+            f"{arch} inference {h}x{w} batch=1: detrkit {t['detrkit'] * 1e3:.0f} ms "
+            f"(optimized {t['fast'] * 1e3:.0f} ms), transformers {t['transformers'] * 1e3:.0f} ms, "
+            f"ratio {t['detrkit'] / t['transformers']:.2f} (optimized {t['fast'] / t['transformers']:.2f}) "
+            f"(max |logit diff| {diff:.1e}, optimized {diff_fast:.1e})",
+            flush=True,
+        )
+
+
+def _training_setup(arch: str) -> tuple[Callable[[], None], Callable[[], None]]:
+    hf, ours = _load_pair(arch)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 512, 512, generator=g)
+    boxes = [torch.rand(5, 4, generator=g) * 0.4 + 0.3 for _ in range(2)]
+    labels = [torch.randint(0, 91, (5,), generator=g) for _ in range(2)]
+    ours.train()
+    hf.train()
+    if arch == "yolos":
+        for p in hf.parameters():
+            p.requires_grad_(True)
+    else:
+        # transformers' freezing looks for parameter names its own ResNet does not use, so its whole CNN ends up
+        # frozen; train stages 2-4 on both sides, as the papers' recipes do.
+        for name, p in hf.model.backbone.named_parameters():
+            p.requires_grad_(any(f"encoder.stages.{i}." in name for i in (1, 2, 3)))
+    n_ours = sum(p.numel() for p in ours.parameters() if p.requires_grad)
+    n_hf = sum(p.numel() for p in hf.parameters() if p.requires_grad)
+    assert n_ours == n_hf, (n_ours, n_hf)
+    loss = LossConfig() if not ours.config.focal else LossConfig(cost_class=2.0, weight_ce=2.0)
+    criterion = build_criterion(RunConfig(model=ours.config, loss=loss), ours.config.num_classes)
+    opt_ours = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-4)
+    opt_hf = torch.optim.AdamW([p for p in hf.parameters() if p.requires_grad], lr=1e-4)
+    hf_labels = [{"class_labels": c, "boxes": b} for c, b in zip(labels, boxes, strict=True)]
+    our_targets = [{"labels": c, "boxes": b} for c, b in zip(labels, boxes, strict=True)]
+
+    def step_ours() -> None:
+        value = criterion(ours(x), our_targets)["loss"]
+        opt_ours.zero_grad()
+        value.backward()
+        opt_ours.step()
+
+    def step_hf() -> None:
+        value = hf(pixel_values=x, labels=hf_labels).loss
+        opt_hf.zero_grad()
+        value.backward()
+        opt_hf.step()
+
+    return step_ours, step_hf
+
+
+def bench_training(arch: str, runs: int) -> None:
+    step_ours, step_hf = _training_setup(arch)
+    t = _median_times({"detrkit": step_ours, "transformers": step_hf}, runs)
+    print(
+        f"{arch} train step 512x512 batch=2: detrkit {t['detrkit']:.2f} s, transformers {t['transformers']:.2f} s, "
+        f"ratio {t['detrkit'] / t['transformers']:.2f}",
+        flush=True,
+    )
+
+
+def _peak_rss_child(arch: str, contender: str, task: str) -> None:
+    """Run one contender once (after a warm-up) and print its peak RSS in MiB as JSON."""
+    if task == "inference":
+        hf, ours = _load_pair(arch)
+        model = {"transformers": hf, "detrkit": ours}[contender]
+        del hf, ours
+        x = torch.randn(1, 3, 800, 1216)
+        with torch.inference_mode():
+            for _ in range(2):
+                model(pixel_values=x) if contender == "transformers" else model(x)
+    else:
+        step_ours, step_hf = _training_setup(arch)
+        step = step_ours if contender == "detrkit" else step_hf
+        for _ in range(2):
+            step()
+    print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def bench_memory(arch: str, threads: int) -> None:
+    for task in ("inference", "train"):
+        peaks = {}
+        for contender in ("detrkit", "transformers"):
+            out = subprocess.run(
+                [sys.executable, __file__, "--child", arch, contender, task, "--threads", str(threads)],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+            peaks[contender] = json.loads(out.strip().splitlines()[-1])["peak_rss_mib"]
+        what = "inference 800x1216 batch=1" if task == "inference" else "train step 512x512 batch=2"
+        print(
+            f"{arch} peak RSS {what}: detrkit {peaks['detrkit']:.0f} MiB, "
+            f"transformers {peaks['transformers']:.0f} MiB, ratio {peaks['detrkit'] / peaks['transformers']:.2f}",
+            flush=True,
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", nargs="+", default=list(ARCHS), choices=ARCHS)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--skip-train", action="store_true", help="time inference only")
+    parser.add_argument("--skip-inference", action="store_true", help="time the training step only")
+    parser.add_argument("--memory", action="store_true", help="also measure peak RSS, one process per contender")
+    parser.add_argument("--child", nargs=3, metavar=("ARCH", "CONTENDER", "TASK"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.child:
+        _peak_rss_child(*args.child)
+        return
+    for arch in args.arch:
+        if arch not in MODEL_CLASSES:
+            print(f"{arch}: not implemented in this detrkit, skipped", flush=True)
+            continue
+        if not args.skip_inference:
+            bench_inference(arch, args.runs)
+        if not args.skip_train:
+            bench_training(arch, args.runs)
+        if args.memory:
+            bench_memory(arch, args.threads)
+
+
+if __name__ == "__main__":
+    main()
