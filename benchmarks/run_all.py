@@ -10,7 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-QUICK_ARGS = {"bench_coco_eval.py": ["--images", "500", "--repeats", "1"], "bench_matcher.py": ["--runs", "7"]}
+QUICK_ARGS = {
+    "bench_coco_eval.py": ["--images", "500", "--repeats", "1"],
+    "bench_matcher.py": ["--runs", "7"],
+    "bench_deform_attn.py": ["--quick"],
+    "bench_models.py": ["--runs", "2"],
+}
 
 
 def main() -> int:

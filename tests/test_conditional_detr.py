@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import detrkit
-from detrkit.models.conditional_detr import ConditionalCrossAttention, inverse_sigmoid
+from detrkit.models.conditional_detr import ConditionalCrossAttention
+from detrkit.models.layers import inverse_sigmoid
 from detrkit.position_encoding import SinePositionEncoding, sine_embed_points
 
 transformers = pytest.importorskip("transformers")

@@ -16,13 +16,14 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from ..config import ModelConfig
-from . import conditional_detr, detr, yolos
+from . import conditional_detr, deformable_detr, detr, yolos
 from .common import StateDict, preview, read_transformers_weights, torch_load_tensors
 
 # transformers ``model_type`` → converter of (config.json as a dict, state dict, source=...)
 TRANSFORMERS_CONVERTERS: dict[str, Callable[..., tuple[ModelConfig, StateDict]]] = {
     "detr": detr.convert_transformers,
     "conditional_detr": conditional_detr.convert_transformers,
+    "deformable_detr": deformable_detr.convert_transformers,
     "yolos": yolos.convert_transformers,
 }
 
@@ -31,6 +32,7 @@ TRANSFORMERS_CONVERTERS: dict[str, Callable[..., tuple[ModelConfig, StateDict]]]
 # starts its keys with ``backbone.0.body.``.
 OFFICIAL_CONVERTERS: list[tuple[Callable[[StateDict], bool], Callable[..., tuple[ModelConfig, StateDict]]]] = [
     (conditional_detr.is_official, conditional_detr.convert_official_file),
+    (deformable_detr.is_official, deformable_detr.convert_official_file),
     (detr.is_official, detr.convert_official_file),
 ]
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 from ..config import ModelConfig
 from .base import Detections, Detector
 from .conditional_detr import ConditionalDETR
+from .deformable_detr import DeformableDETR
 from .detr import DETR
 from .yolos import YOLOS
 
 MODEL_CLASSES: dict[str, type[Detector]] = {
     "detr": DETR,
     "conditional_detr": ConditionalDETR,
+    "deformable_detr": DeformableDETR,
     "yolos": YOLOS,
 }
 
@@ -24,6 +26,7 @@ def build_model(config: ModelConfig) -> Detector:
 __all__ = [
     "ConditionalDETR",
     "DETR",
+    "DeformableDETR",
     "Detections",
     "Detector",
     "MODEL_CLASSES",

@@ -21,13 +21,7 @@ from torch import Tensor, nn
 from ..config import ModelConfig
 from ..position_encoding import sine_embed_points
 from .detr import FFN, EncoderLayer, SingleScaleDetector, init_focal_bias
-from .layers import MLP
-
-
-def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
-    """logit(x), clamped so that points at 0 or 1 stay finite."""
-    x = x.clamp(0, 1)
-    return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
+from .layers import MLP, inverse_sigmoid
 
 
 class ConditionalSelfAttention(nn.Module):

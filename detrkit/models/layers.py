@@ -5,6 +5,7 @@ Legend: B batch, T query tokens, S key tokens, D width, nh heads, hd = D / nh.
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -43,6 +44,12 @@ class Attention(nn.Module):
             q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
         )  # (B, nh, T, hd)
         return self.out_proj(out.transpose(1, 2).reshape(b, t, d))
+
+
+def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
+    """logit(x), clamped so that box coordinates at 0 or 1 stay finite."""
+    x = x.clamp(0, 1)
+    return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
 
 
 class MLP(nn.Module):
