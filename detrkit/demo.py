@@ -165,7 +165,9 @@ def run_demo(out_dir: Path = Path("demo_run"), overrides: list[str] | None = Non
     total = time.perf_counter() - start
     run = Path(config.train.output_dir)
     print()
-    print("detrkit demo — DETR on synthetic shapes (circle, square, triangle)")
+    names = {"detr": "DETR", "conditional_detr": "Conditional DETR", "deformable_detr": "Deformable DETR"}
+    arch = names.get(config.model.arch, config.model.arch)
+    print(f"detrkit demo — {arch} on synthetic shapes (circle, square, triangle)")
     print(f"  {'AP':>8} {'AP50':>8} {'AP75':>8} {'APs':>8} {'APm':>8} {'APl':>8}")
     print("  " + " ".join(f"{metrics.get(k, float('nan')):8.3f}" for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")))
     print(f"  time: {total / 60:.1f} min ({train_time / 60:.1f} min data + training + evaluation)")

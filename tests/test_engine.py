@@ -20,7 +20,12 @@ from detrkit.evaluation import COCO_METRIC_KEYS
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# A tiny DETR on the demo preset's data settings (the demo itself trains another architecture).
 TINY_MODEL = [
+    "model.arch=detr",
+    "model.class_loss=softmax",
+    "loss.cost_class=1",
+    "loss.weight_ce=1",
     "model.backbone=resnet18",
     "model.trainable_stages=5",
     "model.hidden_dim=32",
