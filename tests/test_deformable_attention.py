@@ -66,6 +66,31 @@ def test_fast_equals_reference(case, spread, dtype):
         torch.testing.assert_close(a, b, atol=tol * scale, rtol=tol, msg=lambda m, name=name: f"{name}: {m}")
 
 
+@needs_kernel
+def test_fast_equals_reference_at_init_on_cell_borders():
+    # At init every offset is a whole number of cells from a cell centre, so sampling points sit on integer pixel
+    # coordinates, where the bilinear gradient jumps: the kernel must round coordinates as the reference does to
+    # pick the same corners, or the location gradients differ by O(1).
+    levels = [(20, 30), (10, 15), (5, 8), (3, 4)]
+    shapes = torch.tensor(levels)
+    torch.manual_seed(0)
+    module = MultiScaleDeformableAttention(dim=64, n_levels=4, n_heads=8, n_points=4)
+    centres = []
+    for h, w in levels:
+        ys, xs = torch.meshgrid((torch.arange(h) + 0.5) / h, (torch.arange(w) + 0.5) / w, indexing="ij")
+        centres.append(torch.stack([xs, ys], -1).reshape(-1, 2))
+    ref = torch.cat(centres)[None, :, None, :].expand(1, -1, 4, 2)  # (1, S, L, 2): each token's own centre
+    value = torch.randn(1, ref.shape[1], 64)
+    results = []
+    for impl in ("fast", "reference"):
+        module.zero_grad()
+        out = module(value, ref, value, shapes, impl=impl)
+        out.backward(torch.ones_like(out))
+        results.append([out, *(p.grad.clone() for p in module.parameters())])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4 * max(1.0, b.abs().max().item()), rtol=1e-4)
+
+
 def test_far_outside_reads_zero():
     value, shapes, loc, weights = make_inputs(1, [(3, 4), (1, 1)], 4, 2, 4, 2, dtype=torch.float64)
     loc = loc + 50.0  # every point 50 maps away
@@ -77,9 +102,12 @@ def test_far_outside_reads_zero():
             assert torch.count_nonzero(t) == 0
 
 
+@pytest.mark.parametrize("head_dim", [4, 16])  # the kernel's generic loops and its vector loops
 @pytest.mark.parametrize("impl", ["reference", pytest.param("fast", marks=needs_kernel)])
-def test_gradcheck(impl):
-    value, shapes, loc, weights = make_inputs(2, [(4, 3), (2, 2), (1, 1)], 3, 2, 4, 2, dtype=torch.float64, spread=1.5)
+def test_gradcheck(impl, head_dim):
+    value, shapes, loc, weights = make_inputs(
+        2, [(4, 3), (2, 2), (1, 1)], 3, 2, head_dim, 2, dtype=torch.float64, spread=1.5
+    )
     inputs = [t.requires_grad_() for t in (value, loc, weights)]
     assert torch.autograd.gradcheck(lambda v, loc, w: ms_deform_attn(v, shapes, loc, w, impl=impl), inputs)
 
@@ -297,3 +325,15 @@ def test_bad_reference_points():
     shapes = torch.tensor([[8, 6], [4, 3], [1, 1]])
     with pytest.raises(ValueError, match="2 or 4"):
         module(torch.randn(1, 5, 64), torch.rand(1, 5, 3, 3), torch.randn(1, 63, 64), shapes)
+
+
+@needs_kernel
+def test_fast_path_checks_shapes():
+    # The kernel indexes raw memory: inconsistent shapes must fail in Python, not read out of bounds.
+    value, shapes, loc, weights = make_inputs(1, [(4, 4), (2, 2)], 3, 2, 4, 2)
+    with pytest.raises(ValueError, match="tokens"):
+        ms_deform_attn(value[:, :-1], shapes, loc, weights, impl="fast")
+    with pytest.raises(ValueError, match="levels"):
+        ms_deform_attn(value[:, :16], shapes[:1], loc, weights, impl="fast")
+    with pytest.raises(ValueError, match="attention_weights"):
+        ms_deform_attn(value, shapes, loc, weights[..., :1], impl="fast")

@@ -113,18 +113,25 @@ def ms_deform_attn(
 # ----------------------------------------------------------------------------------------------------------------
 # Fast CPU path: a small C++ kernel (no torch headers), compiled on first use and called through ctypes.
 #
-# Measured on 2 cores at the 800x1216 shapes (benchmarks/bench_deform_attn.py), this beats both pure PyTorch
-# formulations by a wide margin: grid_sample materialises (B·nh, hd, Q, L·P) samples before the weighted sum, and
-# an embedding_bag over the 4 bilinear corners needs ~10 index/weight tensors of B·Q·nh·L·P·4 elements and a slow
-# scatter backward (it ran at 0.8x the reference's forward time and 1.6x its forward+backward time). The kernel
-# reads each corner row once, accumulates in registers, and writes gradients without atomics by giving every
-# thread whole (batch, head) pairs. Building it with plain ``c++`` (no torch headers) takes seconds, not the
-# minute of a torch.utils.cpp_extension build, so a fresh test run stays fast.
+# Why a kernel: per (batch, query, head) it reads the 4 corner rows of each of the L·P points once and sums them in
+# registers, where grid_sample materialises (B·nh, hd, Q, L·P) samples before the weighted sum and scatters
+# through a generic backward. A pure PyTorch embedding_bag formulation (the 4·L·P corners of every query and head
+# as one bag, bilinear × attention weights as per-sample weights) was tried first: ~10 index/weight tensors of
+# B·Q·nh·L·P·4 elements and a slow scatter backward made it 0.75x the reference's time forward but 1.5x forward +
+# backward at the encoder shapes, so it was dropped; gathering the corner rows with index_select would materialise
+# B·Q·nh·L·P·4·hd values (1.3 GB at those shapes). Measured on this project's 2-core CPU (float32, 800x1216 image,
+# benchmarks/bench_deform_attn.py), fast / reference: encoder forward 57 / 1137 ms, encoder forward + backward
+# 221 / 2506 ms, decoder (300 queries) forward 3.9 / 9.4 ms, forward + backward 13.4 / 45.6 ms.
+# The backward writes value gradients without atomics by giving each thread whole (batch, head) pairs, so results
+# do not depend on the thread count. Building with plain ``c++`` takes ~3 s, not the minute of a
+# torch.utils.cpp_extension build, and the library is cached per source, flags and CPU.
 
 _KERNEL_SOURCE = r"""
+
 // Multi-scale deformable attention core on the CPU (forward and backward), called through ctypes.
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <pthread.h>
 
 namespace {
@@ -143,102 +150,135 @@ struct Problem {
   int64_t B, S, Q, nh, hd, L, P;
 };
 
-// Bilinear footprint of one sampling point: the 4 corners (x0,y0), (x0+1,y0), (x0,y0+1), (x0+1,y0+1).
-template <typename T>
-struct Corners {
-  const T* row[4];   // value rows (clamped to a valid row when the corner is outside)
-  int64_t off[4];    // element offsets of those rows from the level's first row of this (b, head)
-  T w[4];            // bilinear weights, 0 outside the map
-  bool valid[4];
-  bool all_valid;
-  T fx, fy;
-};
+// Hot loops run on GCC/Clang vector extensions (32-byte vectors: AVX where the CPU has it, pairs of 16-byte
+// registers otherwise): dot products are reductions, which compilers do not vectorise without -ffast-math.
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef double f64x4 __attribute__((vector_size(32)));
+template <typename T> struct Vec;
+template <> struct Vec<float> { using type = f32x8; static constexpr int lanes = 8; };
+template <> struct Vec<double> { using type = f64x4; static constexpr int lanes = 4; };
 
-// Normalised coordinate -> pixel coordinate (cell centres at integers), rounded step by step exactly as
-// 2·loc − 1 followed by grid_sample's unnormalisation (align_corners=False) in the reference, so that both pick
-// the same corners. Bilinear interpolation is continuous but its gradient jumps at integer pixel coordinates: a
-// different rounding flips points lying within an ulp of a cell border, which happens thousands of times in a
-// float32 encoder. The file is built with -ffp-contract=off so that no step is fused into an FMA.
+template <typename V, typename T>
+inline V load(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+
+template <typename V, typename T>
+inline void store(T* p, const V& v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+
+// Normalised coordinate -> pixel coordinate (cell centres at integers), rounded step by step as the reference
+// does: 2·loc − 1 in PyTorch, then grid_sample's unnormalisation (grid + 1)·size/2 − 0.5, which PyTorch's
+// vectorised CPU kernel evaluates as one fused multiply-add (found by probing the x86-64 wheels). Bilinear
+// interpolation is continuous but its gradient jumps at integer pixel coordinates, so any other rounding picks
+// other corners for points within an ulp of a cell border (thousands of them in a float32 encoder, and every
+// point at initialisation, where offsets are whole cells) and their location gradients then differ by O(1).
 template <typename T>
 inline T to_pixel(T loc, int64_t size) {
   const T grid = T(2) * loc - T(1);
-  return (grid + T(1)) * (T(size) / T(2)) - T(0.5);
+  return std::fma(grid + T(1), T(size) / T(2), T(-0.5));
 }
 
-// Returns false when no corner touches the map (the official kernel's test), leaving c untouched.
+// The corners of one sampling point that lie on the map: row offsets (elements from the (b, head) origin of value),
+// bilinear weights, their derivatives in pixel x and y, and the point they belong to. Points are processed in
+// chunks of kChunk so that this list lives on the stack whatever L·P is.
+constexpr int64_t kChunk = 32;
+
 template <typename T>
-inline bool corners(T x, T y, int64_t h, int64_t w, int64_t row_stride, Corners<T>& c) {
-  if (!(x > T(-1) && y > T(-1) && x < T(w) && y < T(h))) return false;  // also false on NaN
-  const T x0f = std::floor(x), y0f = std::floor(y);
-  const int64_t x0 = int64_t(x0f), y0 = int64_t(y0f);
-  c.fx = x - x0f;
-  c.fy = y - y0f;
-  const T bw[4] = {(1 - c.fx) * (1 - c.fy), c.fx * (1 - c.fy), (1 - c.fx) * c.fy, c.fx * c.fy};
-  c.all_valid = true;
-  for (int k = 0; k < 4; ++k) {
-    const int64_t xi = x0 + (k & 1), yi = y0 + (k >> 1);
-    c.valid[k] = xi >= 0 && xi < w && yi >= 0 && yi < h;
-    c.all_valid = c.all_valid && c.valid[k];
-    c.w[k] = c.valid[k] ? bw[k] : T(0);
-    const int64_t xc = xi < 0 ? 0 : (xi >= w ? w - 1 : xi);
-    const int64_t yc = yi < 0 ? 0 : (yi >= h ? h - 1 : yi);
-    c.off[k] = (yc * w + xc) * row_stride;
+struct Taps {
+  int64_t off[4 * kChunk];
+  T w[4 * kChunk], dwx[4 * kChunk], dwy[4 * kChunk];
+  int32_t point[4 * kChunk];
+  int n = 0;
+
+  // Appends the on-map corners of the point at pixel (x, y) of a level of size h×w whose first row is at `start`.
+  // A point with no corner on the map adds nothing. x = −1 exactly still counts (unlike the official CUDA
+  // kernel's test): its corner 0 has weight 0 but a nonzero gradient, as in grid_sample.
+  inline void add(T x, T y, int64_t h, int64_t w, int64_t start, int64_t row_stride, int32_t p) {
+    if (!(x >= T(-1) && y >= T(-1) && x < T(w) && y < T(h))) return;  // also false on NaN
+    const T x0f = std::floor(x), y0f = std::floor(y);
+    const int64_t x0 = int64_t(x0f), y0 = int64_t(y0f);
+    const T fx = x - x0f, fy = y - y0f;
+    const int64_t off00 = (start + y0 * w + x0) * row_stride;
+    const bool in_x0 = x0 >= 0, in_x1 = x0 + 1 < w, in_y0 = y0 >= 0, in_y1 = y0 + 1 < h;
+    if (in_y0 && in_x0) push(off00, (1 - fx) * (1 - fy), -(1 - fy), -(1 - fx), p);
+    if (in_y0 && in_x1) push(off00 + row_stride, fx * (1 - fy), 1 - fy, -fx, p);
+    if (in_y1 && in_x0) push(off00 + w * row_stride, (1 - fx) * fy, -fy, 1 - fx, p);
+    if (in_y1 && in_x1) push(off00 + (w + 1) * row_stride, fx * fy, fy, fx, p);
   }
-  return true;
+
+  inline void push(int64_t o, T wt, T dx, T dy, int32_t p) {
+    off[n] = o;
+    w[n] = wt;
+    dwx[n] = dx;
+    dwy[n] = dy;
+    point[n] = p;
+    ++n;
+  }
+};
+
+// Sampling points [lp0, lp1) (level-major, as in attention_weights) of one (b, q, head) item into taps.
+template <typename T>
+inline void gather_taps(const Problem& pr, const T* loc_i, int64_t lp0, int64_t lp1, int64_t row_stride,
+                        Taps<T>& taps) {
+  taps.n = 0;
+  for (int64_t l = lp0 / pr.P; l * pr.P < lp1; ++l) {
+    const int64_t h = pr.shapes[2 * l], w = pr.shapes[2 * l + 1], start = pr.starts[l];
+    const int64_t p0 = l * pr.P > lp0 ? l * pr.P : lp0, p1 = (l + 1) * pr.P < lp1 ? (l + 1) * pr.P : lp1;
+    for (int64_t lp = p0; lp < p1; ++lp)
+      taps.add(to_pixel(loc_i[2 * lp], w), to_pixel(loc_i[2 * lp + 1], h), h, w, start, row_stride,
+               int32_t(lp - lp0));
+  }
 }
 
+// HD > 0: head width known at compile time and a multiple of the vector width; HD == 0: any width, scalar loops.
 template <typename T, int HD>
 void forward_items(const Problem& pr, int64_t begin, int64_t end) {
+  using V = typename Vec<T>::type;
+  constexpr int lanes = Vec<T>::lanes, NV = HD / lanes;
   const T* value = static_cast<const T*>(pr.value);
   const T* loc = static_cast<const T*>(pr.loc);
   const T* attn = static_cast<const T*>(pr.attn);
   T* out = static_cast<T*>(pr.out);
-  const int64_t hd = HD > 0 ? HD : pr.hd, nh = pr.nh, L = pr.L, P = pr.P, Q = pr.Q, S = pr.S;
+  const int64_t hd = HD > 0 ? HD : pr.hd, nh = pr.nh, LP = pr.L * pr.P, Q = pr.Q, S = pr.S;
   const int64_t row_stride = nh * hd;
-  T acc_fixed[HD > 0 ? HD : 1];
+  Taps<T> taps;
   for (int64_t item = begin; item < end; ++item) {  // item = (b·Q + q)·nh + head
     const int64_t head = item % nh, b = item / (Q * nh);
-    const T* loc_i = loc + item * L * P * 2;
-    const T* attn_i = attn + item * L * P;
-    T* acc = HD > 0 ? acc_fixed : out + item * hd;
-    for (int64_t c = 0; c < hd; ++c) acc[c] = T(0);
-    for (int64_t l = 0; l < L; ++l) {
-      const int64_t h = pr.shapes[2 * l], w = pr.shapes[2 * l + 1];
-      const T* base = value + ((b * S + pr.starts[l]) * nh + head) * hd;
-      for (int64_t p = 0; p < P; ++p) {
-        const int64_t lp = l * P + p;
-        Corners<T> cr;
-        if (!corners<T>(to_pixel(loc_i[2 * lp], w), to_pixel(loc_i[2 * lp + 1], h), h, w, row_stride, cr))
-          continue;
-        const T a = attn_i[lp];
-        if (cr.all_valid) {
-          const T* __restrict r0 = base + cr.off[0];
-          const T* __restrict r1 = base + cr.off[1];
-          const T* __restrict r2 = base + cr.off[2];
-          const T* __restrict r3 = base + cr.off[3];
-          const T w0 = a * cr.w[0], w1 = a * cr.w[1], w2 = a * cr.w[2], w3 = a * cr.w[3];
-          for (int64_t c = 0; c < hd; ++c) acc[c] += w0 * r0[c] + w1 * r1[c] + w2 * r2[c] + w3 * r3[c];
+    const T* origin = value + (b * S * nh + head) * hd;
+    const T* loc_i = loc + item * LP * 2;
+    const T* attn_i = attn + item * LP;
+    T* out_i = out + item * hd;
+    V acc[NV > 0 ? NV : 1] = {};
+    if (HD == 0)
+      for (int64_t c = 0; c < hd; ++c) out_i[c] = T(0);
+    for (int64_t lp0 = 0; lp0 < LP; lp0 += kChunk) {
+      const int64_t lp1 = lp0 + kChunk < LP ? lp0 + kChunk : LP;
+      gather_taps(pr, loc_i, lp0, lp1, row_stride, taps);
+      for (int j = 0; j < taps.n; ++j) {
+        const T* row = origin + taps.off[j];
+        const T wt = attn_i[lp0 + taps.point[j]] * taps.w[j];
+        if (HD > 0) {
+          for (int v = 0; v < NV; ++v) acc[v] += wt * load<V>(row + v * lanes);
         } else {
-          for (int k = 0; k < 4; ++k) {
-            if (!cr.valid[k]) continue;
-            const T* __restrict r = base + cr.off[k];
-            const T wk = a * cr.w[k];
-            for (int64_t c = 0; c < hd; ++c) acc[c] += wk * r[c];
-          }
+          for (int64_t c = 0; c < hd; ++c) out_i[c] += wt * row[c];
         }
       }
     }
-    if (HD > 0) {
-      T* o = out + item * hd;
-      for (int64_t c = 0; c < hd; ++c) o[c] = acc[c];
-    }
+    if (HD > 0)
+      for (int v = 0; v < NV; ++v) store(out_i + v * lanes, acc[v]);
   }
 }
 
 // Units are (b, head) pairs: every write to grad_value of one unit lands in that unit's rows, so units run in
-// parallel without atomics or per-thread copies.
+// parallel without atomics or per-thread copies, and the result does not depend on the thread count.
 template <typename T, int HD>
 void backward_units(const Problem& pr, int64_t begin, int64_t end) {
+  using V = typename Vec<T>::type;
+  constexpr int lanes = Vec<T>::lanes, NV = HD / lanes;
   const T* value = static_cast<const T*>(pr.value);
   const T* loc = static_cast<const T*>(pr.loc);
   const T* attn = static_cast<const T*>(pr.attn);
@@ -246,75 +286,61 @@ void backward_units(const Problem& pr, int64_t begin, int64_t end) {
   T* grad_value = static_cast<T*>(pr.grad_value);
   T* grad_loc = static_cast<T*>(pr.grad_loc);
   T* grad_attn = static_cast<T*>(pr.grad_attn);
-  const int64_t hd = HD > 0 ? HD : pr.hd, nh = pr.nh, L = pr.L, P = pr.P, Q = pr.Q, S = pr.S;
+  const int64_t hd = HD > 0 ? HD : pr.hd, nh = pr.nh, LP = pr.L * pr.P, Q = pr.Q, S = pr.S;
   const int64_t row_stride = nh * hd;
+  Taps<T> taps;
+  T g_attn[kChunk], g_x[kChunk], g_y[kChunk];  // per point of the chunk: d loss / d (weight, pixel x, pixel y)
   for (int64_t unit = begin; unit < end; ++unit) {
     const int64_t b = unit / nh, head = unit % nh;
+    const T* origin = value + (b * S * nh + head) * hd;
+    T* g_origin = grad_value ? grad_value + (b * S * nh + head) * hd : nullptr;
     for (int64_t q = 0; q < Q; ++q) {
       const int64_t item = (b * Q + q) * nh + head;
-      const T* __restrict go = grad_out + item * hd;
-      const T* loc_i = loc + item * L * P * 2;
-      const T* attn_i = attn + item * L * P;
-      for (int64_t l = 0; l < L; ++l) {
-        const int64_t h = pr.shapes[2 * l], w = pr.shapes[2 * l + 1];
-        const int64_t level_off = ((b * S + pr.starts[l]) * nh + head) * hd;
-        const T* base = value + level_off;
-        T* gbase = grad_value ? grad_value + level_off : nullptr;
-        for (int64_t p = 0; p < P; ++p) {
-          const int64_t lp = l * P + p;
-          Corners<T> cr;
-          if (!corners<T>(to_pixel(loc_i[2 * lp], w), to_pixel(loc_i[2 * lp + 1], h), h, w, row_stride, cr))
-            continue;
-          const T a = attn_i[lp];
-          T d[4] = {0, 0, 0, 0};  // go · value row of each corner
-          if (cr.all_valid) {
-            const T* __restrict r0 = base + cr.off[0];
-            const T* __restrict r1 = base + cr.off[1];
-            const T* __restrict r2 = base + cr.off[2];
-            const T* __restrict r3 = base + cr.off[3];
-            T d0 = 0, d1 = 0, d2 = 0, d3 = 0;
-            for (int64_t c = 0; c < hd; ++c) {
-              d0 += go[c] * r0[c];
-              d1 += go[c] * r1[c];
-              d2 += go[c] * r2[c];
-              d3 += go[c] * r3[c];
-            }
-            d[0] = d0, d[1] = d1, d[2] = d2, d[3] = d3;
-            if (gbase) {
-              T* __restrict g0 = gbase + cr.off[0];
-              T* __restrict g1 = gbase + cr.off[1];
-              T* __restrict g2 = gbase + cr.off[2];
-              T* __restrict g3 = gbase + cr.off[3];
-              const T w0 = a * cr.w[0], w1 = a * cr.w[1], w2 = a * cr.w[2], w3 = a * cr.w[3];
-              // All 4 corners on the map: 4 distinct rows, so the restrict qualifiers hold.
-              for (int64_t c = 0; c < hd; ++c) g0[c] += w0 * go[c];
-              for (int64_t c = 0; c < hd; ++c) g1[c] += w1 * go[c];
-              for (int64_t c = 0; c < hd; ++c) g2[c] += w2 * go[c];
-              for (int64_t c = 0; c < hd; ++c) g3[c] += w3 * go[c];
+      const T* go = grad_out + item * hd;
+      const T* loc_i = loc + item * LP * 2;
+      const T* attn_i = attn + item * LP;
+      V go_v[NV > 0 ? NV : 1];
+      for (int v = 0; v < NV; ++v) go_v[v] = load<V>(go + v * lanes);
+      for (int64_t lp0 = 0; lp0 < LP; lp0 += kChunk) {
+        const int64_t lp1 = lp0 + kChunk < LP ? lp0 + kChunk : LP;
+        gather_taps(pr, loc_i, lp0, lp1, row_stride, taps);
+        for (int64_t k = 0; k < lp1 - lp0; ++k) g_attn[k] = g_x[k] = g_y[k] = T(0);
+        for (int j = 0; j < taps.n; ++j) {
+          const T* row = origin + taps.off[j];
+          const T a = attn_i[lp0 + taps.point[j]];
+          T d;  // go · row
+          if (HD > 0) {
+            V s = go_v[0] * load<V>(row);
+            for (int v = 1; v < NV; ++v) s += go_v[v] * load<V>(row + v * lanes);
+            d = T(0);
+            for (int i = 0; i < lanes; ++i) d += s[i];
+            if (g_origin) {
+              T* grow = g_origin + taps.off[j];
+              const T wt = a * taps.w[j];
+              for (int v = 0; v < NV; ++v) store(grow + v * lanes, load<V>(grow + v * lanes) + wt * go_v[v]);
             }
           } else {
-            for (int k = 0; k < 4; ++k) {
-              if (!cr.valid[k]) continue;
-              const T* __restrict r = base + cr.off[k];
-              T dk = 0;
-              for (int64_t c = 0; c < hd; ++c) dk += go[c] * r[c];
-              d[k] = dk;
-              if (gbase) {
-                T* __restrict g = gbase + cr.off[k];
-                const T wk = a * cr.w[k];
-                for (int64_t c = 0; c < hd; ++c) g[c] += wk * go[c];
-              }
+            d = T(0);
+            for (int64_t c = 0; c < hd; ++c) d += go[c] * row[c];
+            if (g_origin) {
+              T* grow = g_origin + taps.off[j];
+              const T wt = a * taps.w[j];
+              for (int64_t c = 0; c < hd; ++c) grow[c] += wt * go[c];
             }
           }
-          if (grad_attn)
-            grad_attn[item * L * P + lp] = cr.w[0] * d[0] + cr.w[1] * d[1] + cr.w[2] * d[2] + cr.w[3] * d[3];
+          const int p = taps.point[j];
+          g_attn[p] += taps.w[j] * d;
+          g_x[p] += taps.dwx[j] * d;
+          g_y[p] += taps.dwy[j] * d;
+        }
+        for (int64_t lp = lp0; lp < lp1; ++lp) {
+          const int64_t l = lp / pr.P, k = lp - lp0;
+          if (grad_attn) grad_attn[item * LP + lp] = g_attn[k];
           if (grad_loc) {
-            // d(bilinear)/dx and /dy; x = loc_x·w − 0.5, so d/dloc_x = w · d/dx.
-            const T fx = cr.fx, fy = cr.fy;
-            const T gx = (1 - fy) * (d[1] - d[0]) + fy * (d[3] - d[2]);
-            const T gy = (1 - fx) * (d[2] - d[0]) + fx * (d[3] - d[1]);
-            grad_loc[(item * L * P + lp) * 2] = a * gx * T(w);
-            grad_loc[(item * L * P + lp) * 2 + 1] = a * gy * T(h);
+            // pixel x = (2·loc_x − 1 + 1)·w/2 − 0.5, so d/d loc_x = w · d/dx.
+            const T a = attn_i[lp];
+            grad_loc[(item * LP + lp) * 2] = a * g_x[k] * T(pr.shapes[2 * l + 1]);
+            grad_loc[(item * LP + lp) * 2 + 1] = a * g_y[k] * T(pr.shapes[2 * l]);
           }
         }
       }
@@ -405,7 +431,8 @@ int msda_backward(const Problem* pr, int dtype, int64_t n_threads) {
 }  // extern "C"
 """
 
-_KERNEL_FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC", "-pthread")
+_KERNEL_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread")
+_KERNEL_FLAGS_PORTABLE = tuple(f for f in _KERNEL_FLAGS if f != "-march=native")  # for compilers without it
 _KERNEL_ABI = 1
 
 
@@ -445,14 +472,14 @@ def _compile_kernel(cache_dir: Path, compiler: str | None) -> ctypes.CDLL | None
             cache_dir.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
                 src = Path(tmp) / "ms_deform_attn.cpp"
-                src.write_text(_KERNEL_SOURCE)
+                src.write_text(_KERNEL_SOURCE, encoding="utf-8")
                 tmp_lib = Path(tmp) / "lib.so"
-                subprocess.run(
-                    [compiler, *_KERNEL_FLAGS, str(src), "-o", str(tmp_lib)],
-                    check=True,
-                    capture_output=True,
-                    timeout=120,
-                )
+                for flags in (_KERNEL_FLAGS, _KERNEL_FLAGS_PORTABLE):
+                    cmd = [compiler, *flags, str(src), "-o", str(tmp_lib)]
+                    if subprocess.run(cmd, capture_output=True, timeout=120).returncode == 0:
+                        break
+                else:
+                    raise OSError(f"{compiler} could not build the kernel")
                 # Atomic: a concurrent process sees the finished library or none.
                 os.replace(tmp_lib, lib_path)
         lib = ctypes.CDLL(str(lib_path))
@@ -538,9 +565,21 @@ class _MSDeformAttnFunction(torch.autograd.Function):
 def _ms_deform_attn_fast(
     value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor, attention_weights: Tensor
 ) -> Tensor:
-    b, _, nh, hd = value.shape
+    b, s, nh, hd = value.shape
     q = sampling_locations.shape[1]
     shapes = _level_shapes(spatial_shapes)
+    # The kernel trusts these shapes with raw pointers: check them as the reference's reshapes would.
+    n_levels = len(shapes)
+    if sampling_locations.dim() != 6 or sampling_locations.shape[0] != b or sampling_locations.shape[2] != nh:
+        raise ValueError(
+            f"sampling_locations {tuple(sampling_locations.shape)} does not fit value {tuple(value.shape)}"
+        )
+    if sampling_locations.shape[3] != n_levels or sampling_locations.shape[5] != 2:
+        raise ValueError(f"sampling_locations {tuple(sampling_locations.shape)} does not fit {n_levels} levels")
+    if attention_weights.shape != sampling_locations.shape[:-1]:
+        raise ValueError(f"attention_weights {tuple(attention_weights.shape)} does not fit the sampling locations")
+    if sum(h * w for h, w in shapes) != s:
+        raise ValueError(f"spatial_shapes {shapes} do not add up to the {s} tokens of value")
     # Same dtype rule as the reference; half types (autocast) are computed in float32 and cast back.
     dtype = torch.promote_types(value.dtype, sampling_locations.dtype)
     compute = dtype if dtype in _KERNEL_DTYPES else torch.float32
