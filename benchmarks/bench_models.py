@@ -48,7 +48,9 @@ def hf_model(arch: str) -> torch.nn.Module:
         cfg = transformers.ConditionalDetrConfig(use_timm_backbone=False, num_labels=91)
         return transformers.ConditionalDetrForObjectDetection(cfg)
     if arch == "deformable_detr":
-        cfg = transformers.DeformableDetrConfig(use_timm_backbone=False, num_labels=91)
+        # transformers' default native-ResNet config reads stage 4 only; the published models read stages 2-4
+        resnet = transformers.ResNetConfig(out_features=["stage2", "stage3", "stage4"])
+        cfg = transformers.DeformableDetrConfig(use_timm_backbone=False, backbone_config=resnet, num_labels=91)
         return transformers.DeformableDetrForObjectDetection(cfg)
     if arch == "yolos":  # YOLOS-S (hustvl/yolos-small's architecture)
         cfg = transformers.YolosConfig(

@@ -165,7 +165,12 @@ def run_demo(out_dir: Path = Path("demo_run"), overrides: list[str] | None = Non
     total = time.perf_counter() - start
     run = Path(config.train.output_dir)
     print()
-    names = {"detr": "DETR", "conditional_detr": "Conditional DETR", "deformable_detr": "Deformable DETR"}
+    names = {
+        "detr": "DETR",
+        "conditional_detr": "Conditional DETR",
+        "deformable_detr": "Deformable DETR",
+        "yolos": "YOLOS",
+    }
     arch = names.get(config.model.arch, config.model.arch)
     print(f"detrkit demo — {arch} on synthetic shapes (circle, square, triangle)")
     print(f"  {'AP':>8} {'AP50':>8} {'AP75':>8} {'APs':>8} {'APm':>8} {'APl':>8}")
