@@ -39,6 +39,7 @@ from .data import CocoDetection, collate
 from .evaluation import COCO_METRIC_KEYS, CocoEvaluator, write_metrics
 from .matcher import HungarianMatcher, NonFiniteCostError
 from .models import Detector, build_model
+from .models.base import to_float as _to_float
 from .transforms import eval_transforms, train_transforms
 
 log = logging.getLogger("detrkit")
@@ -387,17 +388,6 @@ def _autocast(device: torch.device, amp: str):
         return nullcontext()
     dtype = torch.bfloat16 if amp == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def _to_float(outputs: Any) -> Any:
-    """Losses and matching run in float32 whatever precision the model ran in."""
-    if isinstance(outputs, torch.Tensor):
-        return outputs.float()
-    if isinstance(outputs, dict):
-        return {k: _to_float(v) for k, v in outputs.items()}
-    if isinstance(outputs, list):
-        return [_to_float(v) for v in outputs]
-    return outputs
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -217,6 +217,32 @@ def check_hf_resnet(bc: dict[str, Any], name: str, source: str) -> bool:
     return False
 
 
+def hf_resnet_body(
+    hf_config: dict[str, Any], renamed: StateDict, unknown: list[str], source: str
+) -> tuple[StateDict, str, bool, str, dict[str, Any]]:
+    """The backbone of a renamed transformers state dict (keys ``<body>...``) in torchvision's names.
+
+    Checks that ``config.json`` and the weights describe the same ResNet (timm or transformers' own), appends the
+    body keys no rule knows to ``unknown``, and returns ``(body, resnet name, dilation, kind, backbone info)``.
+    """
+    body = {k.removeprefix("<body>"): v for k, v in renamed.items() if k.startswith("<body>")}
+    if not body:
+        raise ValueError(f"{source} has no backbone weights (model.backbone.conv_encoder.model.*)")
+    kind, info = hf_backbone_kind(hf_config, source)
+    weights_kind = "resnet" if any(k.startswith("embedder.") for k in body) else "timm"
+    if weights_kind != kind:
+        described = {"resnet": "a transformers ResNet", "timm": "a timm ResNet"}
+        raise ValueError(
+            f"{source}: config.json describes {described[kind]} backbone, but the weights are {described[weights_kind]}"
+        )
+    if kind == "resnet":
+        body, body_unknown = apply_rules(body, HF_RESNET_RULES)
+        unknown += [f"model.backbone.conv_encoder.model.{k}" for k in body_unknown]
+    name = resnet_name(body, source)
+    dilation = check_hf_resnet(info, name, source) if kind == "resnet" else check_timm(info, name, source)
+    return body, name, dilation, kind, info
+
+
 # -- shared checks -------------------------------------------------------------------------------------------
 def count_layers(state: StateDict, prefix: str) -> int:
     return len({k.removeprefix(prefix).split(".")[0] for k in state if k.startswith(prefix)})

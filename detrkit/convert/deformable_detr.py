@@ -42,15 +42,12 @@ from torch import Tensor
 
 from ..config import ModelConfig
 from .common import (
-    HF_RESNET_RULES,
     Rule,
     StateDict,
     apply_rules,
     check_against_model,
-    check_hf_resnet,
-    check_timm,
     count_layers,
-    hf_backbone_kind,
+    hf_resnet_body,
     resnet_name,
 )
 
@@ -163,21 +160,7 @@ def convert_transformers(
     n_levels = int(hf["num_feature_levels"])
 
     renamed, unknown = apply_rules(state, _HF_RULES)
-    body = {k.removeprefix("<body>"): v for k, v in renamed.items() if k.startswith("<body>")}
-    if not body:
-        raise ValueError(f"{source} has no backbone weights (model.backbone.conv_encoder.model.*)")
-    kind, info = hf_backbone_kind(hf_config, source)
-    weights_kind = "resnet" if any(k.startswith("embedder.") for k in body) else "timm"
-    if weights_kind != kind:
-        described = {"resnet": "a transformers ResNet", "timm": "a timm ResNet"}
-        raise ValueError(
-            f"{source}: config.json describes {described[kind]} backbone, but the weights are {described[weights_kind]}"
-        )
-    if kind == "resnet":
-        body, body_unknown = apply_rules(body, HF_RESNET_RULES)
-        unknown += [f"model.backbone.conv_encoder.model.{k}" for k in body_unknown]
-    name = resnet_name(body, source)
-    dilation = check_hf_resnet(info, name, source) if kind == "resnet" else check_timm(info, name, source)
+    body, name, dilation, kind, info = hf_resnet_body(hf_config, renamed, unknown, source)
     _check_hf_levels(kind, info, n_levels, source)
 
     dec_layers = int(hf["decoder_layers"])

@@ -36,15 +36,12 @@ from torch import Tensor
 
 from ..config import ModelConfig
 from .common import (
-    HF_RESNET_RULES,
     Rule,
     StateDict,
     apply_rules,
     check_against_model,
-    check_hf_resnet,
-    check_timm,
     count_layers,
-    hf_backbone_kind,
+    hf_resnet_body,
     resnet_name,
 )
 
@@ -161,23 +158,8 @@ def convert_transformers(
     if any(k.startswith(("detr.", "mask_head.", "bbox_attention.")) for k in state):
         raise ValueError(f"{source} is a DetrForSegmentation checkpoint; detrkit converts detection models only")
     renamed, unknown = apply_rules(state, (rules or []) + _HF_RULES)
-    body = {k.removeprefix("<body>"): v for k, v in renamed.items() if k.startswith("<body>")}
     rest = {k: v for k, v in renamed.items() if not k.startswith("<body>")}
-    if not body:
-        raise ValueError(f"{source} has no backbone weights (model.backbone.conv_encoder.model.*)")
-
-    kind, info = hf_backbone_kind(hf_config, source)
-    weights_kind = "resnet" if any(k.startswith("embedder.") for k in body) else "timm"
-    if weights_kind != kind:
-        described = {"resnet": "a transformers ResNet", "timm": "a timm ResNet"}
-        raise ValueError(
-            f"{source}: config.json describes {described[kind]} backbone, but the weights are {described[weights_kind]}"
-        )
-    if kind == "resnet":
-        body, body_unknown = apply_rules(body, HF_RESNET_RULES)
-        unknown += [f"model.backbone.conv_encoder.model.{k}" for k in body_unknown]
-    name = resnet_name(body, source)
-    dilation = check_hf_resnet(info, name, source) if kind == "resnet" else check_timm(info, name, source)
+    body, name, dilation, _, _ = hf_resnet_body(hf_config, renamed, unknown, source)
 
     config = _hf_model_config(hf_config, backbone=name, dilation=dilation, state=rest, source=source, arch=arch)
     converted = {**{f"backbone.body.{k}": v for k, v in body.items()}, **rest}

@@ -137,7 +137,7 @@ class Detector(nn.Module):
         if getattr(self, "_inference_bf16", False):
             with torch.autocast(pixel_values.device.type, dtype=torch.bfloat16):
                 outputs = forward(pixel_values, padding_mask)
-            return _to_float(outputs)
+            return to_float(outputs)
         return forward(pixel_values, padding_mask)
 
     @torch.inference_mode()
@@ -191,11 +191,12 @@ class Detector(nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
 
-def _to_float(outputs: Any) -> Any:
+def to_float(outputs: Any) -> Any:
+    """Model outputs (tensors in dicts and lists) in float32: losses and matching run in float32."""
     if isinstance(outputs, Tensor):
         return outputs.float()
     if isinstance(outputs, dict):
-        return {k: _to_float(v) for k, v in outputs.items()}
+        return {k: to_float(v) for k, v in outputs.items()}
     if isinstance(outputs, list):
-        return [_to_float(v) for v in outputs]
+        return [to_float(v) for v in outputs]
     return outputs
