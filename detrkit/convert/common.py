@@ -300,3 +300,19 @@ def preview(obj: Any, n: int = 8) -> str:
         keys = [str(k) for k in obj]
         return ", ".join(keys[:n]) + (", …" if len(keys) > n else "")
     return type(obj).__name__
+
+
+def hf_labels(
+    hf_config: dict[str, Any], num_classes: int, source: str
+) -> tuple[tuple[int, ...] | None, tuple[str, ...] | None]:
+    """``(category_ids, class_names)`` from a transformers ``id2label`` (None, None without one).
+
+    The keys are the published model's contiguous labels (COCO: 0..90, "N/A" where COCO has no class).
+    """
+    id2label = {int(k): str(v) for k, v in (hf_config.get("id2label") or {}).items()}
+    if not id2label:
+        return None, None
+    if len(id2label) != num_classes:
+        raise ValueError(f"{source}: id2label has {len(id2label)} labels but the class head {num_classes} classes")
+    category_ids = tuple(sorted(id2label))
+    return category_ids, tuple(id2label[i] for i in category_ids)

@@ -47,6 +47,7 @@ from .common import (
     apply_rules,
     check_against_model,
     count_layers,
+    hf_labels,
     hf_resnet_body,
     resnet_name,
 )
@@ -171,13 +172,7 @@ def convert_transformers(
     converted = {**{f"backbone.body.{k}": v for k, v in body.items()}, **rest, **heads}
     num_classes = _num_classes(converted, source)
 
-    category_ids = class_names = None
-    id2label = {int(k): str(v) for k, v in (hf.get("id2label") or {}).items()}
-    if id2label:
-        if len(id2label) != num_classes:
-            raise ValueError(f"{source}: id2label has {len(id2label)} labels but the class head {num_classes} classes")
-        category_ids = tuple(sorted(id2label))
-        class_names = tuple(id2label[i] for i in category_ids)
+    category_ids, class_names = hf_labels(hf, num_classes, source)
     config = ModelConfig(
         arch="deformable_detr",
         class_loss="focal",

@@ -41,6 +41,7 @@ from .common import (
     apply_rules,
     check_against_model,
     count_layers,
+    hf_labels,
     hf_resnet_body,
     resnet_name,
 )
@@ -216,14 +217,7 @@ def _hf_model_config(
     if "class_embed.weight" not in state:
         raise ValueError(f"{source} has no class head (class_labels_classifier): a DetrModel without heads?")
     num_classes = state["class_embed.weight"].shape[0] - (0 if focal else 1)
-    category_ids = class_names = None
-    id2label = {int(k): str(v) for k, v in (hf.get("id2label") or {}).items()}
-    if id2label:
-        if len(id2label) != num_classes:
-            raise ValueError(f"{source}: id2label has {len(id2label)} labels but the class head {num_classes} classes")
-        # The keys are the published model's contiguous labels (COCO: 0..90, "N/A" where COCO has no class).
-        category_ids = tuple(sorted(id2label))
-        class_names = tuple(id2label[i] for i in category_ids)
+    category_ids, class_names = hf_labels(hf, num_classes, source)
     return ModelConfig(
         arch=arch,
         class_loss="focal" if focal else "softmax",

@@ -39,6 +39,7 @@ from .common import (
     StateDict,
     apply_rules,
     check_against_model,
+    hf_labels,
     listing,
     preview,
     read_transformers_weights,
@@ -188,14 +189,7 @@ def _hf_model_config(hf: dict[str, Any], *, state: StateDict, source: str) -> Mo
     if "class_embed.layers.2.weight" not in state:
         raise ValueError(f"{source} has no class head (class_labels_classifier): a YolosModel without heads?")
     num_classes = state["class_embed.layers.2.weight"].shape[0] - 1
-    category_ids = class_names = None
-    id2label = {int(k): str(v) for k, v in (hf.get("id2label") or {}).items()}
-    if id2label:
-        if len(id2label) != num_classes:
-            raise ValueError(f"{source}: id2label has {len(id2label)} labels but the class head {num_classes} classes")
-        # The keys are the published model's contiguous labels (COCO: 0..90, "N/A" where COCO has no class).
-        category_ids = tuple(sorted(id2label))
-        class_names = tuple(id2label[i] for i in category_ids)
+    category_ids, class_names = hf_labels(hf, num_classes, source)
     return ModelConfig(
         arch="yolos",
         backbone="vit",
