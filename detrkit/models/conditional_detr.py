@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig
 from ..position_encoding import sine_embed_points
-from .detr import FFN, EncoderLayer, SingleScaleDetector, init_focal_bias
+from .detr import FFN, EncoderLayer, SingleScaleDetector
 from .layers import MLP, inverse_sigmoid
 
 
@@ -225,10 +225,7 @@ class ConditionalDETR(SingleScaleDetector):
             activation_dropout=c.activation_dropout,
             temperature=c.position_temperature,
         )
-        self.class_embed = nn.Linear(c.hidden_dim, c.num_classes if c.focal else c.num_classes + 1)
-        if c.focal:
-            init_focal_bias(self.class_embed)
-        self.bbox_embed = MLP(c.hidden_dim, c.hidden_dim, 4, 3)
+        self.add_heads()
         # boxes start at the reference point with the size sigmoid(0) = half the image, as the paper's code
         nn.init.zeros_(self.bbox_embed.layers[-1].weight)
         nn.init.zeros_(self.bbox_embed.layers[-1].bias)

@@ -159,6 +159,15 @@ class SingleScaleDetector(Detector):
         )
         self.input_proj = nn.Conv2d(self.backbone.num_channels[-1], c.hidden_dim, kernel_size=1)
 
+    def add_heads(self) -> None:
+        """The class head (K+1 outputs, or K sigmoid outputs with the focal prior) and the 3-layer box MLP; called by
+        subclasses after their transformer, so a seeded build initialises parameters in a fixed order."""
+        c = self.config
+        self.class_embed = nn.Linear(c.hidden_dim, c.num_classes if c.focal else c.num_classes + 1)
+        if c.focal:
+            init_focal_bias(self.class_embed)
+        self.bbox_embed = MLP(c.hidden_dim, c.hidden_dim, 4, 3)
+
     def encode_image(self, pixel_values: Tensor, padding_mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
         """``pixel_values (B,3,H,W)``, ``padding_mask (B,H,W)`` → the transformer's inputs: ``src (B,S,D)``,
         ``pos (B,S,D)`` and ``flat_mask (B,S)`` True on padding (None when nothing is padded)."""
@@ -195,10 +204,7 @@ class DETR(SingleScaleDetector):
             attention_dropout=c.attention_dropout,
             activation_dropout=c.activation_dropout,
         )
-        self.class_embed = nn.Linear(c.hidden_dim, c.num_classes if c.focal else c.num_classes + 1)
-        if c.focal:
-            init_focal_bias(self.class_embed)
-        self.bbox_embed = MLP(c.hidden_dim, c.hidden_dim, 4, 3)
+        self.add_heads()
 
     def forward(self, pixel_values: Tensor, padding_mask: Tensor | None = None) -> dict:
         src, pos, flat_mask = self.encode_image(pixel_values, padding_mask)
