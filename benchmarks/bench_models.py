@@ -143,8 +143,9 @@ def _training_setup(arch: str) -> tuple[Callable[[], None], Callable[[], None]]:
     assert n_ours == n_hf, (n_ours, n_hf)
     loss = LossConfig() if not ours.config.focal else LossConfig(cost_class=2.0, weight_ce=2.0)
     criterion = build_criterion(RunConfig(model=ours.config, loss=loss), ours.config.num_classes)
-    opt_ours = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-4)
-    opt_hf = torch.optim.AdamW([p for p in hf.parameters() if p.requires_grad], lr=1e-4)
+    # fused AdamW on both sides: detrkit's engine and transformers' Trainer (torch >= 2.8) both default to it
+    opt_ours = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-4, fused=True)
+    opt_hf = torch.optim.AdamW([p for p in hf.parameters() if p.requires_grad], lr=1e-4, fused=True)
     hf_labels = [{"class_labels": c, "boxes": b} for c, b in zip(labels, boxes, strict=True)]
     our_targets = [{"labels": c, "boxes": b} for c, b in zip(labels, boxes, strict=True)]
 
