@@ -5,9 +5,9 @@ YOLOS-S for YOLOS) is saved and loaded by detrkit, so both compute the same func
 before timing (max |logit diff| on every line). Same process, contenders alternated, medians after a warm-up,
 float32, ``torch.set_num_threads(--threads)``.
 
-- inference: batch 1 at 800×1216 and 512×512 under ``torch.inference_mode()``: transformers, detrkit as loaded,
-  and detrkit after ``optimize_for_inference()`` (BatchNorm folded, channels-last; float32, so the same outputs
-  up to rounding).
+- inference: batch 1 at 800×1216 and 512×512 under ``torch.inference_mode()``: transformers and detrkit as
+  loaded (its default inference path: BatchNorm folded into channels-last convolutions with oneDNN post-ops;
+  float32, so the same outputs up to rounding).
 - training step: forward + loss (5 boxes per image) + backward + AdamW at batch 2, 512×512; ResNet stages 2–4
   trainable on both sides (the papers' recipe), every ViT weight for YOLOS.
 - ``--memory``: peak RSS of each contender alone, each in its own process (inference at 800×1216, training step).
@@ -86,17 +86,11 @@ def _load_pair(arch: str) -> tuple[torch.nn.Module, torch.nn.Module]:
 
 
 def bench_inference(arch: str, runs: int) -> None:
-    import copy
-
     hf, ours = _load_pair(arch)
-    fast = copy.deepcopy(ours).optimize_for_inference()
     for h, w in ((800, 1216), (512, 512)):
         x = torch.randn(1, 3, h, w)
-        mask = torch.zeros(1, h, w, dtype=torch.bool)
         with torch.inference_mode():
-            ref = hf(pixel_values=x).logits
-            diff = (ref - ours(x)["pred_logits"]).abs().max().item()
-            diff_fast = (ref - fast._inference_forward(x, mask)["pred_logits"]).abs().max().item()
+            diff = (hf(pixel_values=x).logits - ours(x)["pred_logits"]).abs().max().item()
 
         def run(fn: Callable[[], object]) -> Callable[[], None]:
             def timed() -> None:
@@ -106,18 +100,12 @@ def bench_inference(arch: str, runs: int) -> None:
             return timed
 
         t = _median_times(
-            {
-                "detrkit": run(lambda x=x: ours(x)),
-                "fast": run(lambda x=x, m=mask: fast._inference_forward(x, m)),
-                "transformers": run(lambda x=x: hf(pixel_values=x)),
-            },
-            runs,
+            {"detrkit": run(lambda x=x: ours(x)), "transformers": run(lambda x=x: hf(pixel_values=x))}, runs
         )
         print(
-            f"{arch} inference {h}x{w} batch=1: detrkit {t['detrkit'] * 1e3:.0f} ms "
-            f"(optimized {t['fast'] * 1e3:.0f} ms), transformers {t['transformers'] * 1e3:.0f} ms, "
-            f"ratio {t['detrkit'] / t['transformers']:.2f} (optimized {t['fast'] / t['transformers']:.2f}) "
-            f"(max |logit diff| {diff:.1e}, optimized {diff_fast:.1e})",
+            f"{arch} inference {h}x{w} batch=1: detrkit {t['detrkit'] * 1e3:.0f} ms, "
+            f"transformers {t['transformers'] * 1e3:.0f} ms, ratio {t['detrkit'] / t['transformers']:.2f} "
+            f"(max |logit diff| {diff:.1e})",
             flush=True,
         )
 
