@@ -19,8 +19,8 @@ float32, ``torch.set_num_threads(--threads)``.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -110,7 +110,9 @@ def bench_inference(arch: str, runs: int) -> None:
         )
 
 
-def _training_setup(arch: str) -> tuple[Callable[[], None], Callable[[], None]]:
+def _training_setup(arch: str, keep: str = "both") -> tuple[Callable[[], None], Callable[[], None]]:
+    """Training steps of both contenders; ``keep="detrkit"``/``"transformers"`` builds only that one's (the other
+    step is a no-op), for memory measurements."""
     hf, ours = _load_pair(arch)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 512, 512, generator=g)
@@ -149,6 +151,10 @@ def _training_setup(arch: str) -> tuple[Callable[[], None], Callable[[], None]]:
         value.backward()
         opt_hf.step()
 
+    if keep == "detrkit":  # the other closure, and with it the other model, is freed on return
+        return step_ours, lambda: None
+    if keep == "transformers":
+        return (lambda: None), step_hf
     return step_ours, step_hf
 
 
@@ -162,22 +168,38 @@ def bench_training(arch: str, runs: int) -> None:
     )
 
 
+def _peak_rss_mib() -> float:
+    """This process's peak resident set (VmHWM). Not ``getrusage``: Linux keeps ru_maxrss across ``execve``, so a
+    child would report its parent's peak."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def _peak_rss_child(arch: str, contender: str, task: str) -> None:
-    """Run one contender once (after a warm-up) and print its peak RSS in MiB as JSON."""
+    """Run one contender twice and print its peak RSS in MiB as JSON; the other model is dropped first and the
+    high-water mark reset (``/proc/self/clear_refs``), so the figure is one model's process."""
     if task == "inference":
         hf, ours = _load_pair(arch)
         model = {"transformers": hf, "detrkit": ours}[contender]
         del hf, ours
         x = torch.randn(1, 3, 800, 1216)
-        with torch.inference_mode():
-            for _ in range(2):
+
+        def step() -> None:
+            with torch.inference_mode():
                 model(pixel_values=x) if contender == "transformers" else model(x)
+
     else:
-        step_ours, step_hf = _training_setup(arch)
+        step_ours, step_hf = _training_setup(arch, keep=contender)
         step = step_ours if contender == "detrkit" else step_hf
-        for _ in range(2):
-            step()
-    print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+        del step_ours, step_hf
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    for _ in range(2):
+        step()
+    print(json.dumps({"peak_rss_mib": _peak_rss_mib()}))
 
 
 def bench_memory(arch: str, threads: int) -> None:
