@@ -44,7 +44,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model = detrkit.load(args.weights).eval()
     dataset = CocoDetection(
-        args.images, args.annotations, transforms=eval_transforms(model.config.image_size, model.config.max_size)
+        args.images,
+        args.annotations,
+        transforms=eval_transforms(size=model.config.image_size, max_size=model.config.max_size),
     )
     variants = {
         "reference": (model, mock.patch.object(ResNetBackbone, "_conv_mode", lambda self, x: "modules")),
