@@ -7,6 +7,7 @@ A detrkit model folder holds ``config.json`` (the ``ModelConfig``, label map inc
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Callable
@@ -18,6 +19,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import ModelConfig
+
+log = logging.getLogger("detrkit")
 
 FORMAT = "detrkit"
 FORMAT_VERSION = 1
@@ -116,3 +119,62 @@ def load(path: str | Path, *, map_location: str | torch.device = "cpu", **overri
             f", unexpected {sorted(unexpected)[:10]}{'…' if len(unexpected) > 10 else ''}"
         )
     return model.to(map_location).eval()
+
+
+# Fields that define the shape of a network's weights: when fine-tuning, they come from the weights.
+ARCHITECTURE_FIELDS = (
+    "arch",
+    "backbone",
+    "dilation",
+    "feature_level",
+    "position_embedding",
+    "hidden_dim",
+    "nheads",
+    "enc_layers",
+    "dec_layers",
+    "dim_feedforward",
+    "num_queries",
+    "num_feature_levels",
+    "enc_points",
+    "dec_points",
+    "box_refine",
+    "two_stage",
+    "patch_size",
+    "pretrain_image_size",
+    "mid_position_embeddings",
+)
+
+
+def init_from_weights(model_config: ModelConfig, weights: str) -> nn.Module:
+    """Build the model for fine-tuning from published or saved ``weights``.
+
+    The architecture comes from the weights; the class head is re-initialised when the class set differs.
+    """
+    from .models import build_model
+
+    source = load(weights)
+    arch = {k: getattr(source.config, k) for k in ARCHITECTURE_FIELDS}
+    model = build_model(model_config.replace(**arch))
+    state = source.state_dict()
+    target = model.state_dict()
+    reinit = [k for k in state if k in target and state[k].shape != target[k].shape]
+    same_classes = source.config.category_ids == model.config.category_ids and not reinit
+    if not same_classes:
+        reinit = sorted({k for k in target if k.startswith("class_embed.")} | set(reinit))
+    for k in reinit:
+        state.pop(k, None)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - set(reinit):
+        raise ValueError(
+            f"weights {weights} do not fit: missing {sorted(set(missing) - set(reinit))}, unexpected {unexpected}"
+        )
+    if reinit:
+        log.warning(
+            "fine-tuning from %s: the class head was re-initialised (%s): the weights have %d classes, "
+            "the dataset has %d",
+            weights,
+            ", ".join(reinit),
+            source.config.num_classes,
+            model.config.num_classes,
+        )
+    return model

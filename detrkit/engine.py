@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from . import distributed as dist
-from .checkpoint import atomic_write, atomic_write_text
+from .checkpoint import atomic_write, atomic_write_text, init_from_weights
 from .config import ModelConfig, RunConfig
 from .criterion import SetCriterion
 from .data import CocoDetection, collate
@@ -45,28 +45,6 @@ from .transforms import eval_transforms, train_transforms
 log = logging.getLogger("detrkit")
 
 CHECKPOINT_FORMAT = "detrkit-train"
-# Fields that define the shape of a network's weights: when fine-tuning, they come from the weights.
-ARCHITECTURE_FIELDS = (
-    "arch",
-    "backbone",
-    "dilation",
-    "feature_level",
-    "position_embedding",
-    "hidden_dim",
-    "nheads",
-    "enc_layers",
-    "dec_layers",
-    "dim_feedforward",
-    "num_queries",
-    "num_feature_levels",
-    "enc_points",
-    "dec_points",
-    "box_refine",
-    "two_stage",
-    "patch_size",
-    "pretrain_image_size",
-    "mid_position_embeddings",
-)
 
 
 class TrainingDiverged(RuntimeError):
@@ -233,41 +211,6 @@ def model_config_for_data(config: RunConfig, dataset: CocoDetection) -> ModelCon
         image_size=config.data.eval_size,
         max_size=config.data.eval_max_size,
     )
-
-
-def init_from_weights(model_config: ModelConfig, weights: str) -> Detector:
-    """Build the model for fine-tuning from published or saved ``weights``.
-
-    The architecture comes from the weights; the class head is re-initialised when the class set differs.
-    """
-    from .checkpoint import load
-
-    source = load(weights)
-    arch = {k: getattr(source.config, k) for k in ARCHITECTURE_FIELDS}
-    model = build_model(model_config.replace(**arch))
-    state = source.state_dict()
-    target = model.state_dict()
-    reinit = [k for k in state if k in target and state[k].shape != target[k].shape]
-    same_classes = source.config.category_ids == model.config.category_ids and not reinit
-    if not same_classes:
-        reinit = sorted({k for k in target if k.startswith("class_embed.")} | set(reinit))
-    for k in reinit:
-        state.pop(k, None)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or set(missing) - set(reinit):
-        raise ValueError(
-            f"weights {weights} do not fit: missing {sorted(set(missing) - set(reinit))}, unexpected {unexpected}"
-        )
-    if reinit:
-        log.warning(
-            "fine-tuning from %s: the class head was re-initialised (%s): the weights have %d classes, "
-            "the dataset has %d",
-            weights,
-            ", ".join(reinit),
-            source.config.num_classes,
-            model.config.num_classes,
-        )
-    return model
 
 
 # ---------------------------------------------------------------------------------------------------------------
