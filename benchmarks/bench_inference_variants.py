@@ -23,7 +23,7 @@ import torch
 import detrkit
 from detrkit.backbone import ResNetBackbone
 from detrkit.data import CocoDetection
-from detrkit.engine import evaluate
+from detrkit.evaluation import evaluate_model
 from detrkit.transforms import eval_transforms
 
 
@@ -56,10 +56,10 @@ def main() -> None:
     }
     ref = None
     for name, (m, patch) in variants.items():
-        evaluate(m, dataset, batch_size=8)  # warm-up (kernel compilation, weight caches)
+        evaluate_model(m, dataset, batch_size=8)  # warm-up (kernel compilation, weight caches)
         with patch or contextlib.nullcontext():
             start = time.perf_counter()
-            metrics, results = evaluate(m, dataset, batch_size=8)
+            metrics, results = evaluate_model(m, dataset, batch_size=8)
             seconds = time.perf_counter() - start
         top = _top10(results)
         if ref is None:

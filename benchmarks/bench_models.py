@@ -34,7 +34,7 @@ import transformers
 import detrkit
 from detrkit.config import LossConfig, RunConfig
 from detrkit.engine import build_criterion
-from detrkit.models import MODEL_CLASSES
+from detrkit.models import architectures
 
 ARCHS = ("detr", "conditional_detr", "deformable_detr", "yolos")
 
@@ -236,7 +236,7 @@ def main() -> None:
         _peak_rss_child(*args.child)
         return
     for arch in args.arch:
-        if arch not in MODEL_CLASSES:
+        if arch not in architectures():
             print(f"{arch}: not implemented in this detrkit, skipped", flush=True)
             continue
         if not args.skip_inference:

@@ -8,30 +8,31 @@ from __future__ import annotations
 
 from typing import Any
 
+from .checkpoint import build as _build
 from .checkpoint import load
-from .config import LossConfig, ModelConfig
+from .config import LossConfig, ModelConfig, load_run_config
 from .labels import LabelMap
-from .models import Detections, Detector
+from .models import Detections, Detector, architecture
 
 __version__ = "0.1.0"
 
 
 def build(
     config: ModelConfig | dict[str, Any] | str | None = None, *, label_map: LabelMap | None = None, **overrides: Any
-):
-    """Build a randomly initialised detector.
+) -> Detector:
+    """Build a detector with random weights (and the backbone's pre-trained weights when the config names them).
 
     ``config`` is a ``ModelConfig``, a dict of its fields, or the name (or path) of a run config whose ``model``
-    section is used, e.g. ``"conditional_detr_r50"``; ``overrides`` replace fields. With ``label_map`` (for
-    instance ``dataset.label_map``) the class count and the category ids and names come from the dataset.
+    section is used, e.g. ``"conditional_detr_r50"``; ``overrides`` replace fields. Without ``config``, the
+    defaults are DETR's, or those the architecture named by ``arch=`` declares (``detrkit.build(arch="yolos")``).
+    With ``label_map`` (for instance ``dataset.label_map``) the class count and the category ids and names come
+    from the dataset.
     """
-    from .models import build_model
-
     if config is None:
         config = ModelConfig()
+        if "arch" in overrides:
+            config = config.replace(arch=overrides["arch"], **architecture(overrides["arch"]).defaults)
     elif isinstance(config, str):
-        from .config import load_run_config
-
         config = load_run_config(config).model
     elif isinstance(config, dict):
         config = ModelConfig.from_dict(config)
@@ -44,7 +45,7 @@ def build(
         }
     if overrides:
         config = config.replace(**overrides)
-    return build_model(config)
+    return _build(config)
 
 
 __all__ = ["Detections", "Detector", "LabelMap", "LossConfig", "ModelConfig", "build", "load", "__version__"]

@@ -26,6 +26,24 @@ RESNET_CHANNELS = {
     "resnet101": (256, 512, 1024, 2048),
 }
 
+# ModelConfig fields read by the architectures built on ResNetBackbone (their declarations list them).
+RESNET_CONFIG_FIELDS = (
+    "dilation",
+    "trainable_stages",
+    "backbone_norm",
+    "mask_backbone_padding",
+    "position_embedding",
+    "position_temperature",
+)
+# ... and those of them that decide the weights (frozen vs trainable BatchNorm changes the state dict's keys).
+RESNET_SHAPE_FIELDS = ("dilation", "position_embedding", "backbone_norm")
+
+
+def check_resnet_config(config: Any) -> None:
+    """Refuse a ``ModelConfig`` whose backbone is not one of the ResNets (a check of ResNet architectures)."""
+    if config.backbone not in RESNET_CHANNELS:
+        raise ValueError(f"unknown backbone {config.backbone!r} for {config.arch}; known: {', '.join(RESNET_CHANNELS)}")
+
 
 def _stride_mask(valid: Tensor, stride: int) -> Tensor:
     """Validity of feature cells at ``stride`` from pixel validity ``valid (B,H,W)`` → ``(B,1,ceil(H/s),ceil(W/s))``.

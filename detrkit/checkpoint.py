@@ -1,66 +1,41 @@
-"""Saving and loading weights safely: safetensors and ``torch.load(weights_only=True)`` only, atomic writes.
+"""Building models with their weights and loading them safely: safetensors and ``torch.load(weights_only=True)``
+only.
 
-A detrkit model folder holds ``config.json`` (the ``ModelConfig``, label map included) and ``model.safetensors``.
-``load`` also reads published checkpoints through ``convert/``: a ``transformers`` folder or an official ``.pth``.
+A detrkit model folder holds ``config.json`` (the ``ModelConfig``, label map included) and ``model.safetensors``
+(written by ``files.save_pretrained``). ``load`` also reads published checkpoints through ``convert/``: a
+``transformers`` folder or an official ``.pth``. ``build`` is ``models.build_model`` plus the backbone weights a
+config names; ``init_from_weights`` builds a model for fine-tuning from saved or published weights.
+
+Layer: io. May import ``config``, the building blocks, ``models`` and ``convert``; never ``engine`` or ``cli``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
-from torch import nn
+from safetensors.torch import load_file
 
+from . import convert
 from .config import ModelConfig
+from .files import FORMAT, FORMAT_VERSION, atomic_write, atomic_write_text, save_pretrained
+from .models import Detector, build_model, fine_tuning_config
 
 log = logging.getLogger("detrkit")
 
-FORMAT = "detrkit"
-FORMAT_VERSION = 1
+__all__ = ["atomic_write", "atomic_write_text", "build", "init_from_weights", "load", "save_pretrained"]
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, fsync it and rename it over ``path``.
-
-    A crash at any point leaves either the old file or the new one, never a truncated one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        write(tmp_path)
-        with open(tmp_path, "rb+") as f:
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
-    return path
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    return atomic_write(path, lambda p: p.write_text(text))
-
-
-def save_pretrained(model: nn.Module, directory: str | Path) -> Path:
-    """Write ``config.json`` and ``model.safetensors`` for a detrkit ``Detector``."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    atomic_write(directory / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": "pt"}))
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": model.config.to_dict()}
-    atomic_write_text(directory / "config.json", json.dumps(meta, indent=2) + "\n")
-    return directory
+def build(config: ModelConfig) -> Detector:
+    """A new model for ``config``: random weights, and the backbone's pre-trained weights when
+    ``config.backbone_weights`` names them (torchvision's ImageNet ResNets, or a DeiT/ViT checkpoint for YOLOS)."""
+    model = build_model(config)
+    if config.backbone_weights:
+        convert.init_backbone(model, config.backbone_weights)
+    return model
 
 
 def _looks_like_hub_id(name: str) -> bool:
@@ -81,14 +56,11 @@ def _is_detrkit_folder(path: Path) -> bool:
     return cfg.is_file() and json.loads(cfg.read_text()).get("format") == FORMAT
 
 
-def load(path: str | Path, *, map_location: str | torch.device = "cpu", **overrides: Any) -> nn.Module:
+def load(path: str | Path, *, map_location: str | torch.device = "cpu", **overrides: Any) -> Detector:
     """Load a detector from a detrkit folder, a ``transformers`` folder, an official ``.pth`` or a Hub id.
 
     ``overrides`` replace fields of the loaded ``ModelConfig`` (for instance ``mask_backbone_padding=True``).
     """
-    from . import convert
-    from .models import build_model
-
     p = Path(path)
     if p.is_dir() and _is_detrkit_folder(p):
         meta = json.loads((p / "config.json").read_text())
@@ -121,40 +93,14 @@ def load(path: str | Path, *, map_location: str | torch.device = "cpu", **overri
     return model.to(map_location).eval()
 
 
-# Fields that define the shape of a network's weights: when fine-tuning, they come from the weights.
-ARCHITECTURE_FIELDS = (
-    "arch",
-    "backbone",
-    "dilation",
-    "feature_level",
-    "position_embedding",
-    "hidden_dim",
-    "nheads",
-    "enc_layers",
-    "dec_layers",
-    "dim_feedforward",
-    "num_queries",
-    "num_feature_levels",
-    "enc_points",
-    "dec_points",
-    "box_refine",
-    "two_stage",
-    "patch_size",
-    "pretrain_image_size",
-    "mid_position_embeddings",
-)
-
-
-def init_from_weights(model_config: ModelConfig, weights: str) -> nn.Module:
+def init_from_weights(model_config: ModelConfig, weights: str) -> Detector:
     """Build the model for fine-tuning from published or saved ``weights``.
 
-    The architecture comes from the weights; the class head is re-initialised when the class set differs.
+    The architecture (the fields and options its declaration says decide the weights) comes from the weights
+    (``models.fine_tuning_config``); the class head is re-initialised when the class set differs.
     """
-    from .models import build_model
-
     source = load(weights)
-    arch = {k: getattr(source.config, k) for k in ARCHITECTURE_FIELDS}
-    model = build_model(model_config.replace(**arch))
+    model = build_model(fine_tuning_config(model_config, source.config))
     state = source.state_dict()
     target = model.state_dict()
     reinit = [k for k in state if k in target and state[k].shape != target[k].shape]
@@ -170,11 +116,12 @@ def init_from_weights(model_config: ModelConfig, weights: str) -> nn.Module:
         )
     if reinit:
         log.warning(
-            "fine-tuning from %s: the class head was re-initialised (%s): the weights have %d classes, "
-            "the dataset has %d",
+            "fine-tuning from %s: the class head was re-initialised (%s): the weights have %d classes %s, the dataset has %d %s",
             weights,
             ", ".join(reinit),
             source.config.num_classes,
+            list(source.config.category_ids or range(source.config.num_classes)),
             model.config.num_classes,
+            list(model.config.category_ids or range(model.config.num_classes)),
         )
     return model

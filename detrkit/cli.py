@@ -1,4 +1,4 @@
-"""The ``detrkit`` command: train, eval, predict, convert and demo."""
+"""The ``detrkit`` command: train, eval, predict, convert, demo and doctor."""
 
 from __future__ import annotations
 
@@ -32,11 +32,14 @@ def _setup_logging() -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import load_run_config
-    from .engine import Trainer, TrainingDiverged
+    from .engine import Trainer, TrainingDiverged, setup_run
+    from .models import check_config
 
     config = load_run_config(args.config, args.overrides)
+    check_config(config.model)  # the architecture's own checks, before any data is read
+    device = setup_run(config.train)
     try:
-        metrics = Trainer(config, resume=args.resume).fit()
+        metrics = Trainer(config, device=device, resume=args.resume).fit()
     except TrainingDiverged as e:
         raise CliError(str(e)) from e
     if metrics:
@@ -45,7 +48,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluation import evaluate_results_file, write_metrics
+    from .evaluation import evaluate_model, evaluate_results_file, write_metrics
 
     out = Path(args.out)
     if args.results:
@@ -57,7 +60,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         from .checkpoint import load
         from .data import CocoDetection
-        from .engine import evaluate
         from .transforms import eval_transforms
 
         device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -72,7 +74,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 model.config.num_classes,
                 dataset.num_classes,
             )
-        metrics, results = evaluate(model, dataset, batch_size=args.batch_size, device=device, progress=True)
+        metrics, results = evaluate_model(model, dataset, batch_size=args.batch_size, device=device, progress=True)
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(json.dumps(results))
     write_metrics(metrics, out / "metrics.json")
@@ -137,6 +139,45 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     run_demo(out_dir=Path(args.out), overrides=args.overrides)
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    import platform
+
+    import torch
+    import torchvision
+
+    from . import __version__
+    from .kernels import cpu_info
+    from .models.deformable_attention import kernel_status
+
+    cpu = cpu_info()
+    capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "unknown")()
+    bf16 = sorted(cpu["flags"] & {"avx512_bf16", "amx_bf16", "bf16"})  # x86 AVX-512/AMX, ARM (Features)
+    if torch.cuda.is_available():
+        names = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+        cuda = f"available (CUDA {torch.version.cuda}): {names}"
+    else:
+        cuda = f"not available ({'CUDA ' + torch.version.cuda if torch.version.cuda else 'CPU-only'} build of torch)"
+    status = kernel_status()
+    rows = [
+        ("detrkit", __version__),
+        ("python", f"{platform.python_version()} ({sys.executable})"),
+        ("torch", torch.__version__),
+        ("torchvision", torchvision.__version__),
+        ("cpu", f"{cpu['model']} ({os.cpu_count()} logical cores, {platform.machine()})"),
+        ("cpu capability", f"{capability} (torch.backends.cpu.get_cpu_capability())"),
+        ("native bf16", f"yes ({', '.join(bf16)})" if bf16 else "no (no avx512_bf16/amx_bf16 flag): bf16 is emulated"),
+        ("cuda", cuda),
+        ("deformable attn", f"{status['path']} on CPU tensors ({status['reason']}: {status['detail']})"),
+    ]
+    if status["compiler"]:
+        rows.append(("  compiler", f"{status['compiler']} ({status['compiler_version']})"))
+    if status["path"] == "reference" and status["compiler_output"]:
+        rows.append(("  compiler output", textwrap.shorten(status["compiler_output"], 300)))
+    rows.append(("", "GPU tensors, tracing, torch.export, ONNX export and torch.compile take the reference"))
+    print("\n".join(f"{name:<16} {value}" for name, value in rows))
     return 0
 
 
@@ -256,6 +297,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="demo_run", help="output folder (default: demo_run)")
     d.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides of the demo config")
     d.set_defaults(func=cmd_demo)
+
+    dr = sub.add_parser(
+        "doctor",
+        help="print versions, the CPU, CUDA and which deformable-attention path runs (and why)",
+        description="Print detrkit, python, torch and torchvision versions, the CPU (model, torch's capability, "
+        "native bf16), CUDA, and whether the compiled deformable-attention CPU kernel or the PyTorch reference "
+        "runs, with the reason (builds the kernel if it is not cached yet).",
+    )
+    dr.set_defaults(func=cmd_doctor)
     return p
 
 

@@ -1,5 +1,9 @@
 """Typed configuration: what a model is (``ModelConfig``, saved in ``config.json`` beside the weights) and how it
-is trained (``LossConfig``). Dataclasses validate themselves on creation; nothing mutates a config after that.
+is trained (``LossConfig``, ``DataConfig``, ``TrainConfig``, together a ``RunConfig``). Dataclasses validate
+themselves on creation; nothing mutates a config after that.
+
+Layer: config, the lowest. Imports nothing from detrkit. What belongs to one architecture (which fields it reads,
+its own options and checks) is declared in its model file (``detrkit.models.registry``), not here.
 """
 
 from __future__ import annotations
@@ -11,16 +15,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .backbone import RESNET_CHANNELS
-
-ARCHITECTURES = ("detr", "conditional_detr", "deformable_detr", "yolos")
-# Architectures built on a ResNet (the others bring their own backbone).
-RESNET_ARCHITECTURES = ("detr", "conditional_detr", "deformable_detr")
+# Old names of ModelConfig fields, still read from config.json files and overrides written before the rename.
+RENAMED_MODEL_FIELDS = {"nheads": "num_heads", "dim_feedforward": "ffn_dim"}
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Architecture and hyper-parameters of a detector. Defaults are the DETR paper's (R50, 100 queries)."""
+    """Architecture and hyper-parameters of a detector. Defaults are the DETR paper's (R50, 100 queries).
+
+    The first group of fields is read by every architecture; each later group belongs to the architectures that
+    declare it (``ARCHITECTURE.fields`` in their model file) and must keep its default on the others.
+    """
 
     arch: str = "detr"
     num_classes: int = 91  # K, real classes; the class head has K+1 outputs (the last is no-object)
@@ -41,10 +46,10 @@ class ModelConfig:
     # all position-dependent.
     position_temperature: float = 10000.0
     hidden_dim: int = 256
-    nheads: int = 8
+    num_heads: int = 8
     enc_layers: int = 6
     dec_layers: int = 6
-    dim_feedforward: int = 2048
+    ffn_dim: int = 2048  # hidden width of the transformer's feed-forward blocks
     dropout: float = 0.1
     attention_dropout: float = 0.1  # the official code's nn.MultiheadAttention drops attention weights too
     activation_dropout: float = 0.1  # dropout inside the FFN, between its two linear layers
@@ -53,13 +58,19 @@ class ModelConfig:
     # focal loss and matching cost of Deformable/Conditional DETR, which converges faster.
     class_loss: str = "softmax"
     aux_loss: bool = True
+    # Inference defaults travel with the model so `predict` resizes the way the model was trained.
+    image_size: int = 800
+    max_size: int = 1333
+    # Options of an architecture that are not fields here: validated by its ``Architecture.options`` dataclass.
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # -- ResNet architectures (DETR, Conditional DETR, Deformable DETR) ---------------------------------------
     # -- Deformable DETR ---------------------------------------------------------------------------------------
     num_feature_levels: int = 4  # backbone stages at strides 8/16/32 (+ extra stride-64 levels up to this count)
     enc_points: int = 4  # sampling points per head and level in the encoder's deformable attention
     dec_points: int = 4  # ... and in the decoder's cross-attention
     box_refine: bool = False  # iterative bounding-box refinement (a box head per decoder layer)
     two_stage: bool = False  # encoder proposals become the decoder's reference boxes and query positions
-    # -- YOLOS (arch "yolos", backbone "vit"): hidden_dim, nheads, enc_layers (ViT depth), dim_feedforward and
+    # -- YOLOS (arch "yolos", backbone "vit"): hidden_dim, num_heads, enc_layers (ViT depth), ffn_dim and
     # num_queries (detection tokens) come from the fields above.
     patch_size: int = 16
     pretrain_image_size: tuple[int, int] = (800, 1333)  # (h, w) the position embeddings were learned at
@@ -67,19 +78,10 @@ class ModelConfig:
     # "mask": padded patches are masked out of attention (batch-independent results); "ignore": transformers'
     # behaviour, padding is attended to like image content.
     vit_padding: str = "mask"
-    # Inference defaults travel with the model so `predict` resizes the way the model was trained.
-    image_size: int = 800
-    max_size: int = 1333
 
     def __post_init__(self) -> None:
-        if self.arch not in ARCHITECTURES:
-            raise ValueError(f"unknown arch {self.arch!r}; known: {', '.join(ARCHITECTURES)}")
-        if self.arch in RESNET_ARCHITECTURES and self.backbone not in RESNET_CHANNELS:
-            raise ValueError(f"unknown backbone {self.backbone!r} for {self.arch}; known: {', '.join(RESNET_CHANNELS)}")
-        if self.arch == "yolos" and self.backbone != "vit":
-            raise ValueError(f"arch 'yolos' is a ViT: set backbone to 'vit' (got {self.backbone!r})")
-        if self.vit_padding not in ("mask", "ignore"):
-            raise ValueError(f"vit_padding must be 'mask' or 'ignore', got {self.vit_padding!r}")
+        if not isinstance(self.options, dict):
+            raise ValueError(f"options must be a mapping, got {self.options!r}")
         if len(self.pretrain_image_size) != 2:
             raise ValueError(f"pretrain_image_size must be (h, w), got {self.pretrain_image_size}")
         object.__setattr__(self, "pretrain_image_size", tuple(int(v) for v in self.pretrain_image_size))
@@ -92,8 +94,8 @@ class ModelConfig:
             raise ValueError(f"feature_level must be 3 or 4, got {self.feature_level}")
         if self.num_classes < 1:
             raise ValueError(f"num_classes must be ≥ 1, got {self.num_classes}")
-        if self.hidden_dim % self.nheads:
-            raise ValueError(f"hidden_dim {self.hidden_dim} must be divisible by nheads {self.nheads}")
+        if self.num_heads < 1 or self.hidden_dim % self.num_heads:
+            raise ValueError(f"hidden_dim {self.hidden_dim} must be divisible by num_heads {self.num_heads}")
         if self.hidden_dim % 4:
             raise ValueError(f"hidden_dim must be a multiple of 4 for the 2-D sine encoding, got {self.hidden_dim}")
         for name in ("enc_layers", "num_queries", "image_size", "max_size"):
@@ -131,6 +133,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        d = rename_model_fields(d)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -264,6 +267,11 @@ class RunConfig:
                 raise ValueError(f"override {item!r} is not of the form key=value (e.g. train.lr=2e-4)")
             key, raw = item.split("=", 1)
             parts = key.strip().split(".")
+            if len(parts) == 2 and parts[0] == "model":
+                parts[1] = RENAMED_MODEL_FIELDS.get(parts[1], parts[1])
+            if len(parts) == 3 and parts[:2] == ["model", "options"]:  # an architecture's own option: any key
+                d["model"]["options"][parts[2]] = yaml.safe_load(raw)
+                continue
             node = d
             for part in parts[:-1]:
                 if not isinstance(node, dict) or part not in node:
@@ -273,6 +281,17 @@ class RunConfig:
                 raise ValueError(f"unknown config key {key!r}")
             node[parts[-1]] = yaml.safe_load(raw)
         return RunConfig.from_dict(d)
+
+
+def rename_model_fields(d: dict[str, Any]) -> dict[str, Any]:
+    """``d`` with the fields of ``RENAMED_MODEL_FIELDS`` under their current names (old config.json files)."""
+    out = dict(d)
+    for old, new in RENAMED_MODEL_FIELDS.items():
+        if old in out:
+            if new in out:
+                raise ValueError(f"model config has both {old!r} and its new name {new!r}; keep {new!r}")
+            out[new] = out.pop(old)
+    return out
 
 
 def load_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
@@ -314,6 +333,8 @@ def _from_dict(cls: type, d: Any, where: str) -> Any:
     """Build dataclass ``cls`` from a mapping, checking keys and converting values to the declared types."""
     if not isinstance(d, dict):
         raise ValueError(f"{where or 'config'} must be a mapping, got {type(d).__name__}")
+    if cls is ModelConfig:
+        d = rename_model_fields(d)
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - known)
@@ -335,6 +356,10 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             return None
         non_none = [a for a in args if a is not type(None)]
         return _coerce(non_none[0], value, where)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{where} must be a mapping, got {value!r}")
+        return dict(value)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             value = [value]

@@ -141,7 +141,7 @@ def run_demo(out_dir: Path = Path("demo_run"), overrides: list[str] | None = Non
     """Generate the data, train the ``demo`` preset, evaluate, draw val predictions and print a summary."""
     from .checkpoint import load
     from .config import load_run_config
-    from .engine import Trainer
+    from .engine import Trainer, setup_run
     from .visualize import draw_detections, save_image
 
     start = time.perf_counter()
@@ -154,7 +154,7 @@ def run_demo(out_dir: Path = Path("demo_run"), overrides: list[str] | None = Non
         out_dir / "data",
         time.perf_counter() - start,
     )
-    metrics = Trainer(config).fit()
+    metrics = Trainer(config, device=setup_run(config.train)).fit()
     train_time = time.perf_counter() - start
 
     model = load(Path(config.train.output_dir) / "model")

@@ -29,6 +29,13 @@ What this module does on top of the libraries, and why:
   keeps one copy per image id (``DistributedSampler`` pads the last shards with repeated samples), rank 0
   evaluates and the result is broadcast, so every rank returns the same dict. A failure on rank 0 is broadcast
   too, so that other ranks raise instead of waiting forever.
+
+``evaluate_model`` runs a detector over a dataset (sharded across processes) and feeds this evaluator; the CLI's
+``eval`` command and the training engine both call it.
+
+Layer: evaluation (above io, below the engine). Imports ``distributed`` at the top; ``evaluate_model`` imports
+``data`` and ``models.base`` when called, so ``evaluate_results_file`` needs no model code. Never imports the
+engine or the CLI.
 """
 
 from __future__ import annotations
@@ -37,19 +44,36 @@ import contextlib
 import gc
 import io
 import json
+import logging
 import os
+import sys
 import tempfile
+import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 
 from detrkit import distributed as dist
 
-__all__ = ["COCO_METRIC_KEYS", "CocoEvaluator", "evaluate_results_file", "write_metrics"]
+if TYPE_CHECKING:
+    from detrkit.data import CocoDetection
+    from detrkit.models import Detector
+
+__all__ = [
+    "COCO_METRIC_KEYS",
+    "CocoEvaluator",
+    "Progress",
+    "amp_context",
+    "evaluate_model",
+    "evaluate_results_file",
+    "write_metrics",
+]
+
+log = logging.getLogger("detrkit")
 
 #: The 12 numbers of ``COCOeval.summarize()``, in its order (``COCOeval.stats``).
 COCO_METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -167,7 +191,7 @@ class CocoEvaluator:
         """
         self.synchronize()
         if self._metrics is None:
-            self._metrics = _on_rank0_and_broadcast(self._evaluate)
+            self._metrics = _on_rank0_and_broadcast(self._compute_metrics)
         return dict(self._metrics)
 
     def results(self) -> list[dict[str, Any]]:
@@ -209,14 +233,14 @@ class CocoEvaluator:
             )
         return records
 
-    def _evaluate(self) -> dict[str, float]:
+    def _compute_metrics(self) -> dict[str, float]:
         with _gc_paused():
             labels = [p[2] for p in self._predictions.values()]
             _warn_unknown_categories(np.unique(np.concatenate(labels)).tolist() if labels else [], self._gt)
             image_ids = None if self.all_images else sorted(self._predictions)
             prepared = self.backend == "faster"
             results = self._records(evaluation_fields=prepared)
-            return _evaluate(
+            return _coco_metrics(
                 self._gt, results, image_ids=image_ids, backend=self.backend, verbose=self.verbose, prepared=prepared
             )
 
@@ -258,7 +282,7 @@ def evaluate_results_file(
         _warn_unknown_categories({det["category_id"] for det in results}, gt)
         # A results file does not say which images were run (those without detections are absent), so the
         # whole annotation set is scored, as the COCO evaluation server does.
-        return _evaluate(gt, results, image_ids=None, backend=backend, verbose=verbose)
+        return _coco_metrics(gt, results, image_ids=None, backend=backend, verbose=verbose)
 
 
 def write_metrics(metrics: Mapping[str, float], path: str | os.PathLike) -> Path:
@@ -293,6 +317,115 @@ def write_metrics(metrics: Mapping[str, float], path: str | os.PathLike) -> Path
             os.unlink(tmp)
         raise
     return out
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Running a model over a dataset
+
+
+@torch.inference_mode()
+def evaluate_model(
+    model: Detector,
+    dataset: CocoDetection,
+    *,
+    batch_size: int = 2,
+    device: torch.device | str = "cpu",
+    num_workers: int = 0,
+    amp: str = "none",
+    progress: bool = False,
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """COCO bbox metrics of ``model`` on ``dataset`` (sharded across processes when distributed).
+
+    Returns the 12 metrics and the detections as a COCO results list (all processes' on rank 0). The model runs
+    through ``Detector._inference_forward`` (honouring ``optimize_for_inference()``) under the ``amp`` autocast.
+    """
+    from torch.utils.data import DataLoader
+
+    from detrkit.data import collate
+    from detrkit.models.base import to_float
+
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=_shard(len(dataset)),
+        collate_fn=collate,
+        num_workers=num_workers,
+        generator=torch.Generator().manual_seed(0),  # keeps the global RNG untouched
+    )
+    evaluator = CocoEvaluator(dataset.ann_file)
+    every = max(1, len(loader) // 5)
+    bar = Progress(len(loader), desc="eval", every=every, enabled=progress and dist.is_main_process())
+    for batch in loader:
+        batch = batch.to(device)
+        with amp_context(device, amp):
+            forward = getattr(model, "_inference_forward", model)  # honours optimize_for_inference()
+            outputs = forward(batch.pixel_values, batch.padding_mask)
+        results = model.postprocess(to_float(outputs), batch.orig_sizes, threshold=0.0, top_k=100)
+        evaluator.update({int(i): r for i, r in zip(batch.image_ids, results, strict=True)})
+        bar.update(1, {})
+    bar.close()
+    evaluator.synchronize()
+    metrics = evaluator.summarize()
+    model.train(was_training)
+    return metrics, evaluator.results()
+
+
+def _shard(size: int) -> list[int]:
+    """This process's indices, in order: padded to a multiple of the process count and split round-robin, as
+    ``DistributedSampler(shuffle=False)`` does (``synchronize`` drops the repeated images)."""
+    world = dist.world_size()
+    total = -(-size // world) * world
+    order = list(range(size))
+    order += order[: total - size]
+    return order[dist.rank() : total : world]
+
+
+def amp_context(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
+    """The autocast of ``train.amp``: ``"none"``, ``"bf16"`` or ``"fp16"``."""
+    if amp == "none":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+class Progress:
+    """A tqdm bar when stderr is a terminal; otherwise a log line every ``every`` steps."""
+
+    def __init__(self, total: int, *, desc: str, every: int, enabled: bool) -> None:
+        self.total, self.desc, self.every, self.enabled = total, desc, every, enabled
+        self.bar = None
+        self.start = time.perf_counter()
+        self.n = 0
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, dynamic_ncols=True, leave=True)
+
+    def update(self, n: int, stats: dict[str, float]) -> None:
+        self.n += n
+        if not self.enabled:
+            return
+        text = {k: f"{v:.4g}" for k, v in stats.items()}
+        if self.bar is not None:
+            self.bar.update(n)
+            self.bar.set_postfix(text, refresh=False)
+        elif self.n % self.every == 0 or self.n == self.total:
+            elapsed = time.perf_counter() - self.start
+            eta = elapsed / self.n * (self.total - self.n)
+            stats_text = "  ".join(f"{k} {v}" for k, v in text.items())
+            log.info("%s %d/%d  %s  eta %s", self.desc, self.n, self.total, stats_text, _format_time(eta))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _format_time(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -439,7 +572,7 @@ def _warn_unknown_categories(category_ids: Iterable[Any], gt: Mapping[str, Any])
 # Evaluation proper
 
 
-def _evaluate(
+def _coco_metrics(
     gt: dict[str, Any],
     results: list[dict[str, Any]],
     *,
@@ -456,13 +589,13 @@ def _evaluate(
         return dict.fromkeys(COCO_METRIC_KEYS, -1.0)
     with _gc_paused():
         if backend == "faster":
-            stats = _evaluate_faster(gt, results, image_ids=image_ids, verbose=verbose, prepared=prepared)
+            stats = _coco_stats_faster(gt, results, image_ids=image_ids, verbose=verbose, prepared=prepared)
         else:
-            stats = _evaluate_pycocotools(gt, results, image_ids=image_ids, verbose=verbose)
+            stats = _coco_stats_pycocotools(gt, results, image_ids=image_ids, verbose=verbose)
     return {k: float(v) for k, v in zip(COCO_METRIC_KEYS, stats[: len(COCO_METRIC_KEYS)], strict=True)}
 
 
-def _evaluate_faster(
+def _coco_stats_faster(
     gt: dict[str, Any],
     results: list[dict[str, Any]],
     *,
@@ -503,7 +636,7 @@ def _faster_results(coco_gt: Any, records: list[dict[str, Any]], printer: Callab
     return coco_dt
 
 
-def _evaluate_pycocotools(
+def _coco_stats_pycocotools(
     gt: dict[str, Any], results: list[dict[str, Any]], *, image_ids: list[int] | None, verbose: bool
 ) -> np.ndarray:
     try:

@@ -11,7 +11,7 @@ from test_engine import final_weights, shapes, tiny_config  # noqa: F401 - shape
 import detrkit
 from detrkit.engine import Trainer
 from detrkit.evaluation import COCO_METRIC_KEYS
-from detrkit.models import MODEL_CLASSES
+from detrkit.models import architectures
 
 # What each architecture needs on top of the tiny DETR of test_engine.py.
 ARCH_OVERRIDES: dict[str, list[str]] = {
@@ -44,10 +44,10 @@ ARCH_OVERRIDES: dict[str, list[str]] = {
 
 
 def test_every_architecture_has_a_tiny_config():
-    assert set(ARCH_OVERRIDES) >= set(MODEL_CLASSES)
+    assert set(ARCH_OVERRIDES) >= set(architectures())
 
 
-@pytest.mark.parametrize("arch", sorted(set(MODEL_CLASSES) & set(ARCH_OVERRIDES)))
+@pytest.mark.parametrize("arch", sorted(set(architectures()) & set(ARCH_OVERRIDES)))
 def test_train_resume_evaluate_predict(arch, shapes, tmp_path):  # noqa: F811 - shapes is a fixture
     # a step schedule: the learning rate then does not depend on the number of epochs
     extra = ["train.deterministic=true", "train.schedule=step", "train.epochs=2", *ARCH_OVERRIDES[arch]]

@@ -28,10 +28,10 @@ def tiny(**overrides) -> torch.nn.Module:
         arch="conditional_detr",
         backbone="resnet18",
         hidden_dim=64,
-        nheads=4,
+        num_heads=4,
         enc_layers=1,
         dec_layers=3,
-        dim_feedforward=64,
+        ffn_dim=64,
         num_queries=9,
         num_classes=3,
         class_loss="focal",
@@ -286,7 +286,7 @@ def test_official_checkpoint(tmp_path):
     torch.save({"model": official, "args": args}, tmp_path / "conditional_detr_r18.pth")
     loaded = detrkit.load(tmp_path / "conditional_detr_r18.pth")
     c = loaded.config
-    assert (c.arch, c.class_loss, c.num_classes, c.num_queries, c.nheads) == ("conditional_detr", "focal", 3, 9, 4)
+    assert (c.arch, c.class_loss, c.num_classes, c.num_queries, c.num_heads) == ("conditional_detr", "focal", 3, 9, 4)
     x = torch.randn(2, 3, 64, 96)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x)["pred_logits"], ours(x)["pred_logits"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from detrkit.config import PRESETS_DIR, DataConfig, ModelConfig, RunConfig, TrainConfig, load_run_config
+from detrkit.models import check_config
 
 
 @pytest.mark.parametrize("preset", sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")))
@@ -22,7 +23,7 @@ def test_paper_recipe_preset():
     assert (t.epochs, t.lr_drop_epochs) == (500, (400,))
     assert load_run_config("detr_r50_150ep").train.lr_drop_epochs == (100,)
     m = cfg.model
-    assert (m.backbone, m.hidden_dim, m.enc_layers, m.dec_layers, m.nheads, m.dim_feedforward, m.num_queries) == (
+    assert (m.backbone, m.hidden_dim, m.enc_layers, m.dec_layers, m.num_heads, m.ffn_dim, m.num_queries) == (
         "resnet50",
         256,
         6,
@@ -50,13 +51,27 @@ def test_overrides_are_typed():
         ("train.epochs=1.5", "train.epochs must be an integer"),
         ("model.aux_loss=3", "model.aux_loss must be true or false"),
         ("train.amp=fp8", "train.amp must be"),
-        ("model.backbone=vgg", "unknown backbone"),
+        ("model.backbone=vgg", "unknown backbone 'vgg' for deformable_detr"),
+        ("model.arch=rtdetr", "unknown arch 'rtdetr'; known: conditional_detr, deformable_detr, detr, yolos"),
+        ("model.options.depth=2", "arch 'deformable_detr' has no options"),
         ("train.epochs", "not of the form key=value"),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):
+    # the config layer checks keys and types; the architecture's declaration checks what is its own
     with pytest.raises(ValueError, match=message):
-        load_run_config("demo", [override])
+        check_config(load_run_config("demo", [override]).model)
+
+
+def test_renamed_fields_still_read():
+    """config.json files and overrides written before nheads/dim_feedforward were renamed keep working."""
+    del_new = {k: v for k, v in ModelConfig().to_dict().items() if k not in ("num_heads", "ffn_dim")}
+    old = ModelConfig.from_dict({**del_new, "nheads": 4, "dim_feedforward": 64})
+    assert (old.num_heads, old.ffn_dim) == (4, 64)
+    cfg = load_run_config("demo", ["model.nheads=2", "model.dim_feedforward=32"])
+    assert (cfg.model.num_heads, cfg.model.ffn_dim) == (2, 32)
+    with pytest.raises(ValueError, match="both 'nheads' and its new name 'num_heads'"):
+        ModelConfig.from_dict({**ModelConfig().to_dict(), "nheads": 4})
 
 
 def test_bad_yaml_names_the_file(tmp_path):
@@ -76,3 +91,16 @@ def test_dataclass_validation():
     with pytest.raises(ValueError, match="category_ids"):
         ModelConfig(num_classes=3, category_ids=(1, 2))
     assert RunConfig.from_dict(RunConfig().to_dict()) == RunConfig()
+
+
+def test_fine_tuning_takes_what_decides_the_weights_from_them():
+    from detrkit.models import fine_tuning_config
+
+    run = load_run_config("demo").model  # Deformable DETR with box refinement, trainable BatchNorm, 5 stages
+    weights = ModelConfig(arch="detr", backbone="resnet50", hidden_dim=64, num_heads=4, feature_level=3)
+    c = fine_tuning_config(run, weights)
+    assert (c.arch, c.backbone, c.hidden_dim, c.num_heads, c.feature_level) == ("detr", "resnet50", 64, 4, 3)
+    assert (c.box_refine, c.num_feature_levels) == (False, ModelConfig().num_feature_levels)  # not DETR's
+    assert c.backbone_norm == "frozen"  # changes the state dict's keys: from the weights
+    assert c.trainable_stages == run.trainable_stages == 5  # how to train, not what the weights are: the run's
+    assert c.num_classes == run.num_classes

@@ -21,10 +21,10 @@ TINY = dict(
     num_classes=5,
     backbone="resnet18",
     hidden_dim=64,
-    nheads=4,
+    num_heads=4,
     enc_layers=2,
     dec_layers=2,
-    dim_feedforward=128,
+    ffn_dim=128,
     num_queries=10,
     mask_backbone_padding=False,  # as converted checkpoints are
 )
@@ -105,8 +105,8 @@ def test_official_pth_with_args(tmp_path):
 
     loaded = detrkit.load(path)
     c = loaded.config
-    assert (c.backbone, c.hidden_dim, c.nheads, c.enc_layers, c.dec_layers) == ("resnet18", 64, 4, 2, 2)
-    assert (c.dim_feedforward, c.num_queries, c.num_classes, c.position_embedding) == (128, 10, 5, "sine")
+    assert (c.backbone, c.hidden_dim, c.num_heads, c.enc_layers, c.dec_layers) == ("resnet18", 64, 4, 2, 2)
+    assert (c.ffn_dim, c.num_queries, c.num_classes, c.position_embedding) == (128, 10, 5, "sine")
     assert (c.dropout, c.attention_dropout, c.activation_dropout, c.aux_loss) == (0.05, 0.05, 0.05, False)
     assert c.mask_backbone_padding is False and c.trainable_stages == 3 and c.dilation is False
     assert loaded.label_map.category_ids == tuple(range(5))  # official heads are indexed by category id
@@ -117,14 +117,14 @@ def test_official_bare_state_dict_dc5_from_file_name(tmp_path):
     """Without ``args``: 8 heads (the official default), DC5 from ``dc5`` in the file name (or
     ``detrkit.load(path, dilation=...)``), learned positions from the keys; a bare state dict (no
     ``{"model": ...}`` wrapper) is read too."""
-    tiny = {**TINY, "backbone": "resnet50", "dilation": True, "nheads": 8, "position_embedding": "learned"}
+    tiny = {**TINY, "backbone": "resnet50", "dilation": True, "num_heads": 8, "position_embedding": "learned"}
     source = _randomize_(detrkit.build(**tiny))
     path = tmp_path / "detr-r50-dc5-tiny.pth"
     torch.save(_to_official(source.state_dict()), path)
 
     loaded = detrkit.load(path)
     c = loaded.config
-    assert (c.backbone, c.dilation, c.nheads, c.position_embedding) == ("resnet50", True, 8, "learned")
+    assert (c.backbone, c.dilation, c.num_heads, c.position_embedding) == ("resnet50", True, 8, "learned")
     _assert_same_outputs(source, loaded)
 
 

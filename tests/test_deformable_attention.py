@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import ctypes
+import json
 import math
+import os
+import shlex
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
+from detrkit import kernels
+from detrkit.cli import main
 from detrkit.models import deformable_attention as da
 from detrkit.models.deformable_attention import MultiScaleDeformableAttention, ms_deform_attn, ms_deform_attn_reference
 
@@ -74,7 +83,7 @@ def test_fast_equals_reference_at_init_on_cell_borders():
     levels = [(20, 30), (10, 15), (5, 8), (3, 4)]
     shapes = torch.tensor(levels)
     torch.manual_seed(0)
-    module = MultiScaleDeformableAttention(dim=64, n_levels=4, n_heads=8, n_points=4)
+    module = MultiScaleDeformableAttention(dim=64, n_levels=4, num_heads=8, n_points=4)
     centres = []
     for h, w in levels:
         ys, xs = torch.meshgrid((torch.arange(h) + 0.5) / h, (torch.arange(w) + 0.5) / w, indexing="ij")
@@ -131,14 +140,14 @@ def copy_into_transformers(module: MultiScaleDeformableAttention):
     config = transformers.DeformableDetrConfig(
         d_model=module.dim, num_feature_levels=module.n_levels, disable_custom_kernels=True
     )
-    theirs = DeformableDetrMultiscaleDeformableAttention(config, num_heads=module.n_heads, n_points=module.n_points)
+    theirs = DeformableDetrMultiscaleDeformableAttention(config, num_heads=module.num_heads, n_points=module.n_points)
     theirs.load_state_dict(module.state_dict())  # same names, same shapes
     return theirs
 
 
-def random_module(dim=64, n_levels=3, n_heads=4, n_points=2) -> MultiScaleDeformableAttention:
+def random_module(dim=64, n_levels=3, num_heads=4, n_points=2) -> MultiScaleDeformableAttention:
     torch.manual_seed(0)
-    module = MultiScaleDeformableAttention(dim, n_levels, n_heads, n_points)
+    module = MultiScaleDeformableAttention(dim, n_levels, num_heads, n_points)
     with torch.no_grad():
         for p in module.parameters():
             p.normal_(0, 0.2)  # away from the init, where zero weights would hide a mix-up
@@ -183,7 +192,7 @@ def test_padding_is_not_read():
 
 
 def test_init_pattern():
-    module = MultiScaleDeformableAttention(dim=256, n_levels=4, n_heads=8, n_points=4)
+    module = MultiScaleDeformableAttention(dim=256, n_levels=4, num_heads=8, n_points=4)
     assert torch.count_nonzero(module.sampling_offsets.weight) == 0
     bias = module.sampling_offsets.bias.view(8, 4, 4, 2)
     for k in range(8):
@@ -201,7 +210,7 @@ def test_init_pattern():
 
 def test_init_matches_transformers():
     torch.manual_seed(0)
-    ours = MultiScaleDeformableAttention(dim=64, n_levels=3, n_heads=4, n_points=2)
+    ours = MultiScaleDeformableAttention(dim=64, n_levels=3, num_heads=4, n_points=2)
     theirs = copy_into_transformers(ours)
     transformers = pytest.importorskip("transformers")
     model = transformers.DeformableDetrModel.__mro__[1]  # DeformableDetrPreTrainedModel
@@ -313,11 +322,154 @@ def test_onnx_export(monkeypatch, tmp_path):
     assert (tmp_path / "msda.onnx").stat().st_size > 0
 
 
-def test_kernel_build_falls_back_without_compiler(tmp_path):
-    assert da._compile_kernel(tmp_path, None) is None
-    assert da._compile_kernel(tmp_path, str(tmp_path / "no-such-c++")) is None
-    assert da._compile_kernel(tmp_path, "false") is None  # a compiler that fails
-    assert not list(tmp_path.glob("*.so"))
+@pytest.fixture
+def fresh_kernel():
+    # _library() is loaded once per process: forget it before the test and after (the next test reloads the
+    # session's library from the session cache, set in conftest).
+    da._library.cache_clear()
+    yield
+    da._library.cache_clear()
+
+
+def fake_compiler(path: Path, script: str) -> Path:
+    path.write_text(f"#!/bin/sh\n{script}\n")
+    path.chmod(0o755)
+    return path
+
+
+def kernel_warnings(caught: list[warnings.WarningMessage]) -> list[str]:
+    return [str(w.message) for w in caught if issubclass(w.category, kernels.KernelUnavailableWarning)]
+
+
+def test_failed_build_warns_once_with_compiler_output(tmp_path, monkeypatch, fresh_kernel):
+    cxx = fake_compiler(tmp_path / "bad-c++", 'echo "ms_deform_attn.cpp:1: error: simulated failure 4711" >&2; exit 1')
+    monkeypatch.setenv("CXX", str(cxx))
+    monkeypatch.setenv("DETRKIT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("DETRKIT_DISABLE_KERNELS", raising=False)
+    args = make_inputs(1, [(4, 4), (2, 2)], 3, 2, 4, 2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # a second warning must show, not be deduplicated
+        out = ms_deform_attn(*args)
+        ms_deform_attn(*args)
+        status = da.kernel_status()
+    torch.testing.assert_close(out, ms_deform_attn_reference(*args))
+    [message] = kernel_warnings(caught)
+    for text in ("simulated failure 4711", "grid_sample reference", "10-20x slower", "build failed", "To fix"):
+        assert text in message
+    assert status["path"] == "reference" and status["reason"] == kernels.BUILD_FAILED
+    assert "simulated failure 4711" in status["compiler_output"] and str(cxx) in status["command"]
+    assert not list((tmp_path / "cache" / "kernels").glob("*.so"))
+    assert [p.suffix for p in (tmp_path / "cache" / "kernels").glob("*.failed")] == [".failed"]
+    with pytest.raises(RuntimeError, match="kernel_status"):
+        ms_deform_attn(*args, impl="fast")
+
+
+@pytest.mark.parametrize(
+    "env, reason, warns",
+    [
+        ({"CXX": "/nonexistent/c++"}, kernels.NO_COMPILER, True),
+        ({"DETRKIT_DISABLE_KERNELS": "1"}, kernels.DISABLED, False),
+    ],
+)
+def test_no_compiler_and_disabled(env, reason, warns, tmp_path, monkeypatch, fresh_kernel):
+    monkeypatch.setenv("DETRKIT_CACHE_DIR", str(tmp_path))
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        status = da.kernel_status()
+    assert status["path"] == "reference" and status["reason"] == reason
+    assert len(kernel_warnings(caught)) == (1 if warns else 0)
+    if warns:
+        assert "/nonexistent/c++" in kernel_warnings(caught)[0]
+    assert not list(tmp_path.rglob("*.so"))
+
+
+@needs_kernel
+def test_session_kernel_builds_into_temporary_cache_without_warnings(kernel_cache):
+    status = da.kernel_status()
+    assert status["path"] == "cpu-kernel" and status["reason"] in (kernels.BUILT, kernels.CACHED)
+    assert Path(status["library"]).parent == kernel_cache / "kernels"  # not the user's ~/.cache
+    assert "-Wall -Wextra" in status["command"]
+    assert "warning" not in status["compiler_output"].lower(), status["compiler_output"]
+
+
+@needs_kernel
+def test_mismatched_struct_is_refused(monkeypatch):
+    class Shorter(ctypes.Structure):
+        _fields_ = da._Problem._fields_[:-1]  # P dropped on the Python side only
+
+    monkeypatch.setattr(da, "_Problem", Shorter)
+    result = kernels.build(
+        "ms_deform_attn", cache=kernels.cache_dir(), compiler=kernels.find_compiler(), validate=da._check_library
+    )
+    assert result.lib is None and result.reason == kernels.INCOMPATIBLE
+    assert "layout" in result.detail
+
+
+# Run by two processes at once: both import torch, then start loading the kernel at the same moment.
+_CONCURRENT_CHILD = """
+import json, sys, time
+from pathlib import Path
+import torch
+from detrkit.models import deformable_attention as da
+mine, other = Path(sys.argv[1]), Path(sys.argv[2])
+mine.touch()
+deadline = time.time() + 120
+while not other.exists() and time.time() < deadline:
+    time.sleep(0.005)
+status = da.kernel_status()
+g = torch.Generator().manual_seed(0)
+args = (torch.randn(1, 20, 2, 8, generator=g), torch.tensor([[4, 5]]), torch.rand(1, 3, 2, 1, 2, 2, generator=g),
+        torch.rand(1, 3, 2, 1, 2, generator=g))
+torch.testing.assert_close(da.ms_deform_attn(*args, impl="fast"), da.ms_deform_attn_reference(*args))
+print(json.dumps(status))
+"""
+
+
+@needs_kernel
+def test_concurrent_builds_make_one_library(tmp_path):
+    # As DDP ranks starting together: one compiles, the other waits on the lock and loads the same library.
+    builds = tmp_path / "builds.txt"
+    real = shlex.join(kernels.find_compiler())
+    cxx = fake_compiler(
+        tmp_path / "counting-c++",
+        f'case " $* " in *" -shared "*) echo build >> {shlex.quote(str(builds))}; sleep 1;; esac\nexec {real} "$@"',
+    )
+    env = {**os.environ, "CXX": str(cxx), "DETRKIT_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    env.pop("DETRKIT_DISABLE_KERNELS", None)
+    ready = [tmp_path / "ready0", tmp_path / "ready1"]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _CONCURRENT_CHILD, str(ready[i]), str(ready[1 - i])],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    results = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, results, strict=True):
+        assert p.returncode == 0, err
+    statuses = [json.loads(out.splitlines()[-1]) for out, _ in results]
+    assert [s["path"] for s in statuses] == ["cpu-kernel", "cpu-kernel"]
+    assert sorted(s["reason"] for s in statuses) == [kernels.BUILT, kernels.CACHED]
+    assert builds.read_text().splitlines() == ["build"]  # one compilation, not one per process
+    cache = tmp_path / "cache" / "kernels"
+    assert len(list(cache.glob("*.so"))) == 1 and statuses[0]["library"] == statuses[1]["library"]
+    assert not [p for p in cache.iterdir() if p.name.startswith(".")]  # no temporary build left behind
+
+
+def test_doctor_prints_active_path(capsys):
+    assert main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    status = da.kernel_status()
+    [line] = [line for line in out.splitlines() if line.startswith("deformable attn")]
+    assert f"{status['path']} on CPU tensors ({status['reason']}" in line
+    for name in ("detrkit", "python", "torch", "torchvision", "cpu capability", "native bf16", "cuda"):
+        assert any(line.startswith(name + " ") for line in out.splitlines()), name
+    assert torch.__version__ in out
 
 
 def test_bad_reference_points():

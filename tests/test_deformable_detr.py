@@ -28,10 +28,10 @@ TINY = dict(
     num_classes=3,
     backbone="resnet18",
     hidden_dim=64,
-    nheads=4,
+    num_heads=4,
     enc_layers=2,
     dec_layers=2,
-    dim_feedforward=128,
+    ffn_dim=128,
     num_queries=12,
 )
 VARIANTS = {
@@ -147,8 +147,8 @@ def test_parity_with_transformers(tmp_path, variant):
     hf.save_pretrained(tmp_path)
     ours = _assert_parity(hf, tmp_path)
     c = ours.config
-    assert (c.backbone, c.hidden_dim, c.nheads, c.enc_layers, c.dec_layers) == ("resnet18", 64, 4, 2, 2)
-    assert (c.dim_feedforward, c.num_queries, c.num_classes, c.class_loss) == (128, 12, 3, "focal")
+    assert (c.backbone, c.hidden_dim, c.num_heads, c.enc_layers, c.dec_layers) == ("resnet18", 64, 4, 2, 2)
+    assert (c.ffn_dim, c.num_queries, c.num_classes, c.class_loss) == (128, 12, 3, "focal")
     assert (c.num_feature_levels, c.enc_points, c.dec_points) == (4, 4, 4)
     assert (c.box_refine, c.two_stage) == (variant != "plain", variant == "two_stage")
     assert c.mask_backbone_padding is False and c.trainable_stages == 3
@@ -310,8 +310,8 @@ def _assert_same_outputs(a: torch.nn.Module, b: torch.nn.Module) -> None:
 def test_official_checkpoint(tmp_path, variant):
     """The plain model as a bare state dict (no ``args``: the official defaults, 8 heads, apply); the others as
     ``{"model": ..., "args": Namespace}`` with 4 heads (two-stage: the number of queries is only in ``args``)."""
-    nheads = 8 if variant == "plain" else 4
-    source = _randomize_(tiny(variant, mask_backbone_padding=False, num_classes=5, nheads=nheads))
+    num_heads = 8 if variant == "plain" else 4
+    source = _randomize_(tiny(variant, mask_backbone_padding=False, num_classes=5, num_heads=num_heads))
     state = _to_official(source)
     assert "transformer.level_embed" in state and "class_embed.1.weight" in state
     path = tmp_path / "checkpoint.pth"
@@ -322,11 +322,11 @@ def test_official_checkpoint(tmp_path, variant):
         torch.save({"model": state, "args": args, "epoch": 49}, path)
     loaded = detrkit.load(path)
     c = loaded.config
-    assert (c.box_refine, c.two_stage, c.num_queries, c.nheads) == (
+    assert (c.box_refine, c.two_stage, c.num_queries, c.num_heads) == (
         variant != "plain",
         variant == "two_stage",
         12,
-        nheads,
+        num_heads,
     )
     assert (c.num_classes, c.class_loss, c.enc_points, c.dec_points, c.num_feature_levels) == (5, "focal", 4, 4, 4)
     assert c.mask_backbone_padding is False and c.dropout == (0.1 if variant == "plain" else 0.05)
@@ -475,7 +475,7 @@ def test_invalid_configurations():
     with pytest.raises(ValueError, match="two_stage needs box_refine"):
         tiny(two_stage=True)
     with pytest.raises(ValueError, match="multiple of 32"):
-        tiny(hidden_dim=48, nheads=4)
+        tiny(hidden_dim=48, num_heads=4)
     with pytest.raises(ValueError, match="top num_queries=300"):
         tiny("two_stage", num_queries=300).eval()(torch.randn(1, 3, 64, 64))
 
@@ -493,7 +493,7 @@ def test_save_pretrained_round_trip(tmp_path):
 def test_preset():
     run = load_run_config("deformable_detr_r50")
     m, lc, t = run.model, run.loss, run.train
-    assert (m.arch, m.backbone, m.num_queries, m.dim_feedforward, m.class_loss) == (
+    assert (m.arch, m.backbone, m.num_queries, m.ffn_dim, m.class_loss) == (
         "deformable_detr",
         "resnet50",
         300,
@@ -541,10 +541,10 @@ def test_training_smoke(tmp_path):
         "model.box_refine=true",
         "model.two_stage=true",
         "model.hidden_dim=32",
-        "model.nheads=4",
+        "model.num_heads=4",
         "model.enc_layers=1",
         "model.dec_layers=2",
-        "model.dim_feedforward=64",
+        "model.ffn_dim=64",
         "model.num_queries=6",
         "model.trainable_stages=0",  # a frozen backbone keeps the steps fast; the transformer still trains
         f"train.output_dir={tmp_path / 'run'}",

@@ -17,17 +17,17 @@ from test_engine import ROOT, tiny_overrides
 from detrkit.config import ModelConfig, RunConfig
 from detrkit.data import collate
 from detrkit.demo import generate_shapes_dataset
-from detrkit.engine import build_criterion
+from detrkit.engine import build_criterion, train_step
 from detrkit.models import build_model
 
 MODEL = ModelConfig(
     backbone="resnet18",
     trainable_stages=5,
     hidden_dim=32,
-    nheads=4,
+    num_heads=4,
     enc_layers=1,
     dec_layers=2,
-    dim_feedforward=64,
+    ffn_dim=64,
     num_queries=6,
     num_classes=3,
     dropout=0.0,
@@ -93,6 +93,55 @@ def test_two_processes_of_one_image_equal_one_process_of_two(tmp_path):
     worst = max((ddp["grads"][n] - single[n]).abs().max().item() for n in single)
     scale = max(g.abs().max().item() for g in single.values())
     assert worst < 1e-5, (worst, scale, max(single, key=lambda n: (ddp["grads"][n] - single[n]).abs().max().item()))
+
+
+def _equal_samples():
+    """Four same-size images with two boxes each: every micro-batch normalises by the same box count."""
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for i in range(4):
+        target = {"boxes": torch.rand(2, 4, generator=g) * 0.4 + 0.3, "labels": torch.randint(0, 3, (2,), generator=g)}
+        target.update(image_id=i, orig_size=torch.tensor([64, 64]), size=torch.tensor([64, 64]))
+        out.append((torch.randn(3, 64, 64, generator=g, dtype=torch.float64), target))
+    return out
+
+
+def _train_step(model, batches):
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
+    criterion = build_criterion(RunConfig(model=MODEL), 3)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    return train_step(batches, model=model, criterion=criterion, optimizer=optimizer, scaler=scaler, clip_max_norm=0.1)
+
+
+def _step_worker(rank: int, port: int, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        model = build_model(MODEL).double()
+        mine = _equal_samples()[2 * rank : 2 * rank + 2]
+        result = _train_step(torch.nn.parallel.DistributedDataParallel(model), [collate(mine[:1]), collate(mine[1:])])
+        if rank == 0:
+            torch.save({"stepped": result.stepped, "grad_norm": result.grad_norm, "model": model.state_dict()}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_train_step_two_processes_accumulating_two_images_equal_one_process_of_four(tmp_path):
+    """DDP with ``no_sync`` on the first micro-batch, the finite-loss agreement, clipping: the update of 2 processes
+    × 2 micro-batches of 1 image is the update of one process on the 4 images at once."""
+    torch.manual_seed(0)
+    model = build_model(MODEL).double()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    single = _train_step(model, [collate(_equal_samples())])
+
+    out = tmp_path / "ddp.pt"
+    mp.spawn(_step_worker, args=(_free_port(), str(out)), nprocs=2, join=True)
+    ddp = torch.load(out, weights_only=True)
+    assert single.stepped and ddp["stepped"]
+    assert abs(ddp["grad_norm"] - single.grad_norm) < 1e-5 * single.grad_norm
+    moved = max((v - before[k]).abs().max().item() for k, v in model.state_dict().items())
+    worst = max((v - ddp["model"][k]).abs().max().item() for k, v in model.state_dict().items())
+    assert moved > 1e-4 and worst < 1e-6, (moved, worst)
 
 
 def test_torchrun_trains_with_two_processes(tmp_path):

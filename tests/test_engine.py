@@ -1,21 +1,26 @@
-"""Training engine: run directory, resume after SIGKILL, signals, non-finite losses, EMA/AMP, fine-tuning."""
+"""Training engine: run directory, resume after SIGKILL, signals, non-finite losses, EMA/AMP, fine-tuning, global state.
+
+The training step alone is tested in ``test_train_step.py``.
+"""
 
 from __future__ import annotations
 
 import json
+import random
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from detrkit.config import RunConfig, load_run_config
 from detrkit.demo import generate_shapes_dataset
-from detrkit.engine import Trainer, TrainingDiverged
+from detrkit.engine import Trainer, TrainingDiverged, setup_run
 from detrkit.evaluation import COCO_METRIC_KEYS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -252,3 +257,50 @@ def test_missing_data_paths_are_named(tmp_path):
     cfg = load_run_config("demo", [f"data.train_images={tmp_path}/nope", f"data.train_annotations={tmp_path}/a.json"])
     with pytest.raises(FileNotFoundError, match="nope"):
         Trainer(cfg)
+
+
+def _global_state() -> tuple:
+    return (
+        torch.get_rng_state(),
+        random.getstate(),
+        np.random.get_state()[1].copy(),
+        torch.are_deterministic_algorithms_enabled(),
+    )
+
+
+def test_trainer_changes_no_global_state_and_ignores_the_global_seed(shapes, tmp_path):
+    """The run draws on its own random stream (seeded by train.seed): what the caller's generators hold neither
+    changes the weights nor is changed by training. Everything global is ``setup_run``'s."""
+    extra = ("train.deterministic=true", "train.epochs=1", "train.max_steps_per_epoch=2")
+    weights = []
+    for i, caller_seed in enumerate((1, 2)):
+        torch.manual_seed(caller_seed)
+        before = _global_state()
+        trainer = Trainer(tiny_config(shapes, tmp_path / str(i), *extra))
+        trainer.fit()
+        after = _global_state()
+        assert torch.equal(before[0], after[0]) and before[1] == after[1] and np.array_equal(before[2], after[2])
+        assert not before[3] and not after[3]  # train.deterministic is setup_run's to apply
+        weights.append(final_weights(tmp_path / str(i)))
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])  # dropout 0.1: the stream matters
+
+
+def test_setup_run_does_the_global_part(shapes, tmp_path):
+    try:
+        device = setup_run(tiny_config(shapes, tmp_path, "train.deterministic=true", "train.seed=7").train)
+        assert device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.initial_seed() == 7 and random.random() == random.Random(7).random()
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def test_without_listeners_the_trainer_writes_nothing(shapes, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    trainer = Trainer(tiny_config(shapes, run, "train.epochs=1", "train.max_steps_per_epoch=2"), listeners=[])
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    assert trainer.fit() == {}  # evaluation is a listener too
+    assert trainer.state.global_step == 2 and trainer.state.epoch == 1
+    assert any(not torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+    assert list(tmp_path.iterdir()) == []

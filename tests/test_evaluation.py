@@ -416,7 +416,7 @@ def _distributed_worker(rank: int, world_size: int, port: int, gt_path: str, sha
         # A failure on rank 0 reaches every rank instead of leaving the others waiting for the broadcast.
         failing = CocoEvaluator(gt_path)
         if rank == 0:
-            failing._evaluate = lambda: 1 / 0  # type: ignore[method-assign]
+            failing._compute_metrics = lambda: 1 / 0  # type: ignore[method-assign]
         try:
             failing.summarize()
         except (ZeroDivisionError, RuntimeError) as e:

@@ -142,7 +142,7 @@ def test_bad_inputs_have_clear_errors():
     with pytest.raises(ValueError, match="unknown backbone"):
         detrkit.build(backbone="resnet7")
     with pytest.raises(ValueError, match="divisible"):
-        detrkit.build(hidden_dim=30, nheads=4)
+        detrkit.build(hidden_dim=30, num_heads=4)
 
 
 def test_save_pretrained_round_trip(tmp_path):

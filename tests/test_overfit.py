@@ -18,7 +18,8 @@ from torch.utils.data import DataLoader
 import detrkit
 from detrkit.config import LossConfig, RunConfig
 from detrkit.data import CocoDetection, collate
-from detrkit.engine import build_criterion, evaluate
+from detrkit.engine import build_criterion
+from detrkit.evaluation import evaluate_model
 from detrkit.transforms import eval_transforms
 
 COCO_MINI = Path(__file__).parent / "fixtures" / "coco_mini"
@@ -43,10 +44,10 @@ def test_small_detr_overfits_coco_mini():
         trainable_stages=5,
         feature_level=3,
         hidden_dim=64,
-        nheads=4,
+        num_heads=4,
         enc_layers=1,
         dec_layers=2,
-        dim_feedforward=128,
+        ffn_dim=128,
         dropout=0.0,
         attention_dropout=0.0,
         activation_dropout=0.0,
@@ -72,7 +73,7 @@ def test_small_detr_overfits_coco_mini():
         schedule.step()
     train_time = time.perf_counter() - start
 
-    metrics, results = evaluate(model, dataset, batch_size=len(dataset))
+    metrics, results = evaluate_model(model, dataset, batch_size=len(dataset))
     assert results, "the model made no detections"
     assert metrics["AP50"] >= 0.9, (
         f"AP50 {metrics['AP50']:.3f} after {STEPS} steps ({train_time:.0f} s) on the training images; "

@@ -106,8 +106,8 @@ def test_timm_backbone(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["backbone_config"]["model_type"] == "timm_backbone"
     ours = _assert_parity(hf, tmp_path)
     c = ours.config
-    assert (c.backbone, c.hidden_dim, c.nheads, c.enc_layers, c.dec_layers) == ("resnet18", 64, 4, 2, 2)
-    assert (c.dim_feedforward, c.num_queries, c.num_classes) == (128, 12, 3)
+    assert (c.backbone, c.hidden_dim, c.num_heads, c.enc_layers, c.dec_layers) == ("resnet18", 64, 4, 2, 2)
+    assert (c.ffn_dim, c.num_queries, c.num_classes) == (128, 12, 3)
     assert c.mask_backbone_padding is False and c.trainable_stages == 3
     assert ours.label_map.category_ids == (0, 1, 2) and ours.label_map.names == ("N/A", "cat", "dog")
 

@@ -28,9 +28,9 @@ TINY = dict(
     backbone="vit",
     num_classes=3,
     hidden_dim=64,
-    nheads=4,
+    num_heads=4,
     enc_layers=3,
-    dim_feedforward=128,
+    ffn_dim=128,
     num_queries=10,
     patch_size=16,
     pretrain_image_size=(64, 96),  # a 4×6 grid, resized to every other input size
@@ -332,7 +332,7 @@ def test_parity_with_transformers(tmp_path, mid):
     hf.save_pretrained(tmp_path)
     ours = detrkit.load(tmp_path)
     c = ours.config
-    assert (c.arch, c.hidden_dim, c.nheads, c.enc_layers, c.dim_feedforward) == ("yolos", 64, 4, 3, 128)
+    assert (c.arch, c.hidden_dim, c.num_heads, c.enc_layers, c.ffn_dim) == ("yolos", 64, 4, 3, 128)
     assert (c.num_queries, c.patch_size, c.pretrain_image_size, c.mid_position_embeddings) == (10, 16, (64, 96), mid)
     assert c.vit_padding == "ignore" and c.aux_loss is False and c.num_classes == 3
     assert ours.label_map.names == ("N/A", "cat", "dog")
@@ -391,7 +391,7 @@ def test_configs_detrkit_cannot_reproduce_are_refused(tmp_path, field, value, me
 def test_presets_have_the_paper_architectures(name, dims, params):
     config = load_run_config(name)
     m = config.model
-    assert (m.hidden_dim, m.nheads, m.dim_feedforward, m.mid_position_embeddings, m.pretrain_image_size) == dims
+    assert (m.hidden_dim, m.num_heads, m.ffn_dim, m.mid_position_embeddings, m.pretrain_image_size) == dims
     assert (m.arch, m.enc_layers, m.num_queries, m.aux_loss) == ("yolos", 12, 100, False)
     assert config.train.lr == config.train.lr_backbone and config.train.schedule == "cosine"
     with torch.device("meta"):
@@ -413,9 +413,9 @@ def _coco_mini_overrides(out: Path, *extra: str) -> list[str]:
         "data.eval_max_size=96",
         "data.num_workers=0",
         "model.hidden_dim=32",
-        "model.nheads=2",
+        "model.num_heads=2",
         "model.enc_layers=2",
-        "model.dim_feedforward=64",
+        "model.ffn_dim=64",
         "model.num_queries=10",
         "model.pretrain_image_size=[64,96]",
         "model.dropout=0.1",

@@ -1,14 +1,19 @@
 """Reading published weights: ``transformers`` folders, the official repositories' ``.pth`` files and Hugging
-Face Hub ids. One module per architecture (``detr.py``, ...) holds its key-renaming rules and config derivation;
-``common.py`` what they share. Only tensors are read (safetensors, ``torch.load(weights_only=True)``): no code
-from a checkpoint ever runs.
+Face Hub ids. One module per architecture (``detr.py``, ...) holds its key-renaming rules and config derivation
+and ends with its ``CONVERTER`` declaration; the dispatch tables here are derived from those declarations.
+``common.py`` holds what they share. Only tensors are read (safetensors, ``torch.load(weights_only=True)``): no
+code from a checkpoint ever runs.
+
+Layer: io. May import ``config``, the building blocks and ``models``; never ``checkpoint``, ``engine`` or ``cli``.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib
 import json
-from collections.abc import Callable
+import pkgutil
 from pathlib import Path
 from typing import Any
 
@@ -16,25 +21,30 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from ..config import ModelConfig
-from . import conditional_detr, deformable_detr, detr, yolos
-from .common import StateDict, preview, read_transformers_weights, torch_load_tensors
+from .common import Converter, StateDict, preview, read_transformers_weights, torch_load_tensors
 
-# transformers ``model_type`` → converter of (config.json as a dict, state dict, source=...)
-TRANSFORMERS_CONVERTERS: dict[str, Callable[..., tuple[ModelConfig, StateDict]]] = {
-    "detr": detr.convert_transformers,
-    "conditional_detr": conditional_detr.convert_transformers,
-    "deformable_detr": deformable_detr.convert_transformers,
-    "yolos": yolos.convert_transformers,
-}
 
-# Official ``.pth`` layouts, tried in order: (does this state dict have the layout?, converter of (state dict,
-# args=..., source=..., path=...)). More specific layouts come first: every official repository of the family
-# starts its keys with ``backbone.0.body.``.
-OFFICIAL_CONVERTERS: list[tuple[Callable[[StateDict], bool], Callable[..., tuple[ModelConfig, StateDict]]]] = [
-    (conditional_detr.is_official, conditional_detr.convert_official_file),
-    (deformable_detr.is_official, deformable_detr.convert_official_file),
-    (detr.is_official, detr.convert_official_file),
-]
+@functools.cache
+def converters() -> dict[str, Converter]:
+    """Every converter declared by a module of this package (``CONVERTER = Converter(...)``), by arch."""
+    found: dict[str, Converter] = {}
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        converter = getattr(module, "CONVERTER", None)
+        if isinstance(converter, Converter):
+            found[converter.arch] = converter
+    return found
+
+
+def transformers_converters() -> dict[str, Converter]:
+    """transformers ``model_type`` → its converter."""
+    return {t: c for c in converters().values() for t in c.transformers_model_types}
+
+
+def official_converters() -> list[Converter]:
+    """Converters of official ``.pth`` layouts, in the order their layouts are tried (most specific first)."""
+    found = [c for c in converters().values() if c.is_official is not None]
+    return sorted(found, key=lambda c: (-c.official_priority, c.arch))
 
 
 # -- entry points --------------------------------------------------------------------------------------------
@@ -122,13 +132,14 @@ def _load_transformers_folder(folder: Path) -> tuple[ModelConfig, StateDict]:
     hf = json.loads(config_file.read_text())
     if hf.get("format") == "detrkit":
         raise ValueError(f"{folder} is a detrkit folder: read it with detrkit.load")
-    converter = TRANSFORMERS_CONVERTERS.get(hf.get("model_type"))
+    known = transformers_converters()
+    converter = known.get(hf.get("model_type"))
     if converter is None:
         raise ValueError(
             f"{config_file} describes a {hf.get('model_type')!r} model; detrkit converts transformers "
-            f"checkpoints of model_type {', '.join(map(repr, TRANSFORMERS_CONVERTERS))}"
+            f"checkpoints of model_type {', '.join(map(repr, sorted(known)))}"
         )
-    config, state = converter(hf, read_transformers_weights(folder), source=str(folder))
+    config, state = converter.convert_transformers(hf, read_transformers_weights(folder), source=str(folder))
     # The image processor's resize travels with the model, so `predict` resizes the way the reference does.
     preprocessor = folder / "preprocessor_config.json"
     if preprocessor.is_file():
@@ -143,9 +154,9 @@ def _convert_state_file(
     state: dict[str, Any], *, args: dict[str, Any] | None, path: Path
 ) -> tuple[ModelConfig, StateDict]:
     """Dispatch a state dict read from a single file by its key layout."""
-    for has_layout, converter in OFFICIAL_CONVERTERS:
-        if has_layout(state):
-            return converter(state, args=args, source=str(path), path=path)
+    for converter in official_converters():
+        if converter.is_official(state):
+            return converter.convert_official_file(state, args=args, source=str(path), path=path)
     if any(k.startswith("backbone.body.") for k in state):
         raise ValueError(
             f"{path} is a bare state dict in detrkit's layout, which does not record the architecture: save "
@@ -157,3 +168,12 @@ def _convert_state_file(
     if any(k.startswith("detr.") for k in state):
         raise ValueError(f"{path} is an official DETR segmentation checkpoint; detrkit converts detection only")
     raise ValueError(f"{path}: unrecognised checkpoint layout (keys: {preview(state)})")
+
+
+def init_backbone(model, weights: str) -> None:
+    """Initialise a freshly built model's backbone from ``weights`` (``ModelConfig.backbone_weights``) where its
+    architecture's converter reads them (YOLOS: a DeiT/ViT checkpoint); ResNets load torchvision's weights
+    themselves, so nothing is done for them."""
+    converter = converters().get(model.config.arch)
+    if converter is not None and converter.init_backbone is not None:
+        converter.init_backbone(model, weights)

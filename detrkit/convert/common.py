@@ -1,7 +1,9 @@
 """What every converter shares: safe reading of tensors, renaming by rules, the ResNet backbone layouts of
 transformers, timm and torchvision, and the final check of a converted state dict against the model its config
 builds (a key no rule knows, a key the model lacks, a missing key or a wrong shape is an error, never a silently
-dropped weight).
+dropped weight), and the ``Converter`` declaration each converter module ends with.
+
+Layer: io. May import ``config``, the building blocks and ``models``; never ``checkpoint``, ``engine`` or ``cli``.
 """
 
 from __future__ import annotations
@@ -12,16 +14,46 @@ import json
 import pickle
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..config import ModelConfig
+from ..models import build_model
 
 StateDict = dict[str, Tensor]
+
+
+@dataclass(frozen=True)
+class Converter:
+    """How one architecture's published weights become detrkit's, declared once at the end of its converter module
+    (``CONVERTER = Converter(...)``); ``detrkit.convert`` derives its dispatch tables from these declarations.
+
+    Args:
+        arch: the ``ModelConfig.arch`` the converted weights load into.
+        transformers_model_types: ``model_type`` values of transformers ``config.json`` files it converts.
+        convert_transformers: ``(hf_config: dict, state, *, source) -> (ModelConfig, state)``.
+        is_official: whether a state dict read from a single file (an official ``.pth``) has this layout.
+        convert_official_file: ``(state, *, args, source, path) -> (ModelConfig, state)``.
+        official_priority: layouts are tried highest first; a layout that another's test also accepts (every
+            official repository of the family starts its keys with ``backbone.0.body.``) needs a higher one.
+        init_backbone: ``(model, weights) -> None``: initialises a freshly built model's backbone from
+            ``ModelConfig.backbone_weights`` when the model itself cannot (ResNets load torchvision's weights
+            themselves; a YOLOS ViT reads a DeiT checkpoint here).
+    """
+
+    arch: str
+    transformers_model_types: tuple[str, ...] = ()
+    convert_transformers: Callable[..., tuple[ModelConfig, StateDict]] | None = None
+    is_official: Callable[[StateDict], bool] | None = None
+    convert_official_file: Callable[..., tuple[ModelConfig, StateDict]] | None = None
+    official_priority: int = 0
+    init_backbone: Callable[[nn.Module, str], None] | None = None
+
 
 # Blocks per stage and whether they are bottlenecks: the ResNets detrkit's backbone builds.
 RESNET_LAYOUTS: dict[str, tuple[tuple[int, ...], bool]] = {
@@ -85,8 +117,8 @@ def read_transformers_weights(folder: Path) -> StateDict:
 # -- renaming by rules ---------------------------------------------------------------------------------------
 # A rule converts a key it matches in full into (detrkit key, tensor) pairs: a template for plain renames, or
 # a function that may return None to say "not mine after all" (then the key counts as unknown).
-Converter = Callable[[re.Match, Tensor], "list[tuple[str, Tensor]] | None"]
-Rule = tuple[re.Pattern, "str | Converter"]
+RuleFunction = Callable[[re.Match, Tensor], "list[tuple[str, Tensor]] | None"]
+Rule = tuple[re.Pattern, "str | RuleFunction"]
 
 
 def apply_rules(state: dict[str, Tensor], rules: list[Rule]) -> tuple[StateDict, list[str]]:
@@ -263,8 +295,6 @@ def resnet_name(body: StateDict, source: str) -> str:
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """State dict shapes of the model ``config`` builds, built on the meta device (nothing allocated)."""
-    from ..models import build_model
-
     with torch.device("meta"):
         model = build_model(config)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}

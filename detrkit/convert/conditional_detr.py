@@ -28,7 +28,7 @@ from typing import Any
 
 from ..config import ModelConfig
 from . import detr
-from .common import Rule, StateDict
+from .common import Converter, Rule, StateDict
 
 _PROJ = {
     "qcontent": "q_content",
@@ -127,3 +127,13 @@ def convert_official_file(
         arch="conditional_detr",
         rules=OFFICIAL_RULES,
     )
+
+
+CONVERTER = Converter(
+    arch="conditional_detr",
+    transformers_model_types=("conditional_detr",),
+    convert_transformers=convert_transformers,
+    is_official=is_official,
+    convert_official_file=convert_official_file,
+    official_priority=10,  # its keys also pass detr.is_official
+)

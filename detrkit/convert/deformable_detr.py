@@ -41,7 +41,9 @@ import torch
 from torch import Tensor
 
 from ..config import ModelConfig
+from ..models.deformable_detr import BACKBONE_LEVELS
 from .common import (
+    Converter,
     Rule,
     StateDict,
     apply_rules,
@@ -186,10 +188,10 @@ def convert_transformers(
         mask_backbone_padding=False,
         position_embedding=hf["position_embedding_type"],
         hidden_dim=int(hf["d_model"]),
-        nheads=int(hf["encoder_attention_heads"]),
+        num_heads=int(hf["encoder_attention_heads"]),
         enc_layers=int(hf["encoder_layers"]),
         dec_layers=dec_layers,
-        dim_feedforward=int(hf["encoder_ffn_dim"]),
+        ffn_dim=int(hf["encoder_ffn_dim"]),
         dropout=float(hf["dropout"]),
         attention_dropout=float(hf["attention_dropout"]),
         activation_dropout=float(hf["activation_dropout"]),
@@ -208,8 +210,6 @@ def convert_transformers(
 def _check_hf_levels(kind: str, info: dict[str, Any], n_levels: int, source: str) -> None:
     """The backbone stages feeding the transformer must be the ones detrkit uses: 2-4 for multi-scale models
     (3 and 4 for two levels), 4 alone for single-scale ones."""
-    from ..models.deformable_detr import BACKBONE_LEVELS
-
     expected = list(BACKBONE_LEVELS[-min(n_levels, len(BACKBONE_LEVELS)) :])
     if kind == "timm":
         # 4.x configs do not record them: transformers then picks [2, 3, 4] (multi-scale) or [4]
@@ -338,9 +338,9 @@ def convert_official(
     if len(ffn) != 1:
         raise ValueError(f"{source}: feed-forward widths differ between layers ({sorted(ffn)})")
     n_levels, hidden_dim = converted["level_embed"].shape
-    nheads = int(args.get("nheads", 8))
-    enc_points = _points(converted, "encoder.layers.0.self_attn", nheads, n_levels, source)
-    dec_points = _points(converted, "decoder.layers.0.cross_attn", nheads, n_levels, source)
+    num_heads = int(args.get("nheads", 8))
+    enc_points = _points(converted, "encoder.layers.0.self_attn", num_heads, n_levels, source)
+    dec_points = _points(converted, "decoder.layers.0.cross_attn", num_heads, n_levels, source)
     if two_stage:
         num_queries = int(args.get("num_queries", 300))
     else:
@@ -357,10 +357,10 @@ def convert_official(
         mask_backbone_padding=False,
         position_embedding="learned" if "position_encoding.row_embed.weight" in converted else "sine",
         hidden_dim=int(hidden_dim),
-        nheads=nheads,
+        num_heads=num_heads,
         enc_layers=count_layers(converted, "encoder.layers."),
         dec_layers=dec_layers,
-        dim_feedforward=ffn.pop(),
+        ffn_dim=ffn.pop(),
         # the official layers use one rate everywhere: residual, attention weights and inside the FFN
         dropout=dropout,
         attention_dropout=dropout,
@@ -377,18 +377,18 @@ def convert_official(
     return config, converted
 
 
-def _points(state: StateDict, prefix: str, nheads: int, n_levels: int, source: str) -> int:
+def _points(state: StateDict, prefix: str, num_heads: int, n_levels: int, source: str) -> int:
     """Sampling points per head and level, from ``attention_weights`` (nh·L·P outputs)."""
     key = f"{prefix}.attention_weights.weight"
     if key not in state:
         return 4
     rows = state[key].shape[0]
-    if rows % (nheads * n_levels):
+    if rows % (num_heads * n_levels):
         raise ValueError(
-            f"{source}: {key} has {rows} outputs, not a multiple of {nheads} heads × {n_levels} levels "
-            "(pass the checkpoint's args, with nheads, or re-save it with them)"
+            f"{source}: {key} has {rows} outputs, not a multiple of {num_heads} heads × {n_levels} levels "
+            "(pass the checkpoint's args, with num_heads, or re-save it with them)"
         )
-    return rows // (nheads * n_levels)
+    return rows // (num_heads * n_levels)
 
 
 def _num_classes(converted: StateDict, source: str) -> int:
@@ -473,3 +473,13 @@ def _resolve_heads(
                     if two_stage:
                         out[f"enc_{kind}_embed.{param}"] = value.clone()
     return out, rest
+
+
+CONVERTER = Converter(
+    arch="deformable_detr",
+    transformers_model_types=("deformable_detr",),
+    convert_transformers=convert_transformers,
+    is_official=is_official,
+    convert_official_file=convert_official_file,
+    official_priority=10,  # its keys also pass detr.is_official
+)

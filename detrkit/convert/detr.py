@@ -36,6 +36,7 @@ from torch import Tensor
 
 from ..config import ModelConfig
 from .common import (
+    Converter,
     Rule,
     StateDict,
     apply_rules,
@@ -231,10 +232,10 @@ def _hf_model_config(
         mask_backbone_padding=False,
         position_embedding=hf["position_embedding_type"],
         hidden_dim=hf["d_model"],
-        nheads=hf["encoder_attention_heads"],
+        num_heads=hf["encoder_attention_heads"],
         enc_layers=hf["encoder_layers"],
         dec_layers=hf["decoder_layers"],
-        dim_feedforward=hf["encoder_ffn_dim"],
+        ffn_dim=hf["encoder_ffn_dim"],
         dropout=float(hf["dropout"]),
         attention_dropout=float(hf["attention_dropout"]),
         activation_dropout=float(hf["activation_dropout"]),
@@ -300,10 +301,10 @@ def convert_official(
         mask_backbone_padding=False,
         position_embedding="learned" if "position_encoding.row_embed.weight" in converted else "sine",
         hidden_dim=int(hidden_dim),
-        nheads=int(args.get("nheads", 8)),
+        num_heads=int(args.get("nheads", 8)),
         enc_layers=count_layers(converted, "transformer.encoder."),
         dec_layers=count_layers(converted, "transformer.decoder."),
-        dim_feedforward=ffn.pop(),
+        ffn_dim=ffn.pop(),
         # the official layers use one rate everywhere: residual, attention weights and inside the FFN
         dropout=dropout,
         attention_dropout=dropout,
@@ -313,3 +314,12 @@ def convert_official(
     )
     check_against_model(config, converted, unknown=unknown, source=source)
     return config, converted
+
+
+CONVERTER = Converter(
+    arch="detr",
+    transformers_model_types=("detr",),
+    convert_transformers=convert_transformers,
+    is_official=is_official,
+    convert_official_file=convert_official_file,
+)

@@ -34,7 +34,9 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from ..config import ModelConfig
+from ..models.yolos import LAYER_NORM_EPS, resize_patch_embeddings
 from .common import (
+    Converter,
     Rule,
     StateDict,
     apply_rules,
@@ -169,8 +171,6 @@ def _pair(value: Any, name: str, source: str) -> tuple[int, int]:
 
 def _hf_model_config(hf: dict[str, Any], *, state: StateDict, source: str) -> ModelConfig:
     """``ModelConfig`` from a transformers ``YolosConfig`` dict; absent fields take YolosConfig's defaults."""
-    from ..models.yolos import LAYER_NORM_EPS
-
     hf = {**_YOLOS_CONFIG_DEFAULTS, **hf}
     if not hf["qkv_bias"]:
         raise ValueError(f"{source}: qkv_bias=False is not supported (detrkit's ViT has q, k, v biases)")
@@ -198,9 +198,9 @@ def _hf_model_config(hf: dict[str, Any], *, state: StateDict, source: str) -> Mo
         class_names=class_names,
         backbone_weights=None,
         hidden_dim=int(hf["hidden_size"]),
-        nheads=int(hf["num_attention_heads"]),
+        num_heads=int(hf["num_attention_heads"]),
         enc_layers=int(hf["num_hidden_layers"]),
-        dim_feedforward=int(hf["intermediate_size"]),
+        ffn_dim=int(hf["intermediate_size"]),
         num_queries=int(hf["num_detection_tokens"]),
         patch_size=patch_h,
         pretrain_image_size=_pair(hf["image_size"], "image_size", source),
@@ -304,7 +304,7 @@ def init_vit_from_checkpoint(vit: nn.Module, path: str | Path) -> None:
         raise ValueError(
             f"backbone_weights {source} ({layout} layout: width {width}, {depth} blocks) does not fit this "
             f"YOLOS's ViT (width {vit.pos_embed.shape[-1]}, {len(vit.blocks)} blocks): hidden_dim, enc_layers, "
-            "dim_feedforward and patch_size must match the checkpoint's:\n" + "\n".join(lines)
+            "ffn_dim and patch_size must match the checkpoint's:\n" + "\n".join(lines)
         )
 
     extra = 2 if dist is not None else 1  # [CLS] (and the distillation token) come before the patches
@@ -317,8 +317,6 @@ def init_vit_from_checkpoint(vit: nn.Module, path: str | Path) -> None:
         raise ValueError(
             f"{source}: {pos.shape[1] - extra} patch position embeddings are not a square grid (an ImageNet ViT's)"
         )
-    from ..models.yolos import resize_patch_embeddings
-
     patches = resize_patch_embeddings(pos[:, extra:].float(), (side, side), vit.grid)  # (1, g_h·g_w, D)
     vit.pos_embed[:, :1] = pos[:, :1]
     vit.pos_embed[:, 1 : 1 + patches.shape[1]] = patches
@@ -342,3 +340,11 @@ def init_vit_from_checkpoint(vit: nn.Module, path: str | Path) -> None:
         ", ".join(not_loaded),
         ", ".join(dropped) or "nothing",
     )
+
+
+CONVERTER = Converter(
+    arch="yolos",
+    transformers_model_types=("yolos",),
+    convert_transformers=convert_transformers,
+    init_backbone=lambda model, weights: init_vit_from_checkpoint(model.backbone, weights),
+)

@@ -1,35 +1,40 @@
-"""Detector architectures. Each is one file; they share backbone, heads, matcher, criterion and engine."""
+"""Detector architectures. Each is one file ending with its ``ARCHITECTURE`` declaration; the registry
+(``architectures()``) is derived from those declarations. They share backbone, layers, heads, matcher, criterion
+and engine.
+
+Layer: models. May import ``config`` and the building blocks (backbone, position encodings, box ops,
+postprocess, images, transforms, labels); never ``checkpoint``, ``convert``, ``engine`` or ``cli``.
+"""
 
 from __future__ import annotations
 
-from ..config import ModelConfig
 from .base import Detections, Detector
 from .conditional_detr import ConditionalDETR
 from .deformable_detr import DeformableDETR
 from .detr import DETR
+from .registry import (
+    Architecture,
+    architecture,
+    architectures,
+    build_model,
+    check_config,
+    fine_tuning_config,
+    shape_fields,
+)
 from .yolos import YOLOS
 
-MODEL_CLASSES: dict[str, type[Detector]] = {
-    "detr": DETR,
-    "conditional_detr": ConditionalDETR,
-    "deformable_detr": DeformableDETR,
-    "yolos": YOLOS,
-}
-
-
-def build_model(config: ModelConfig) -> Detector:
-    if config.arch not in MODEL_CLASSES:
-        raise ValueError(f"arch {config.arch!r} has no model class; known: {', '.join(MODEL_CLASSES)}")
-    return MODEL_CLASSES[config.arch](config)
-
-
 __all__ = [
+    "Architecture",
     "ConditionalDETR",
     "DETR",
     "DeformableDETR",
     "Detections",
     "Detector",
-    "MODEL_CLASSES",
     "YOLOS",
+    "architecture",
+    "architectures",
     "build_model",
+    "check_config",
+    "fine_tuning_config",
+    "shape_fields",
 ]

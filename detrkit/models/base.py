@@ -1,4 +1,7 @@
-"""What every detector shares: its config and label map, output packing, `predict` and `save_pretrained`."""
+"""What every detector shares: its config and label map, output packing, `predict` and `save_pretrained`.
+
+Layer: models. May import ``config``, ``files`` and the building blocks.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +14,11 @@ import torch
 from torch import Tensor, nn
 
 from ..config import ModelConfig
+from ..files import save_pretrained
+from ..images import load_image_tensor, pad_batch
 from ..labels import LabelMap
+from ..postprocess import postprocess
+from ..transforms import eval_transforms
 
 
 @dataclass
@@ -86,8 +93,6 @@ class Detector(nn.Module):
         self, outputs: dict[str, Any], orig_sizes: Tensor, *, threshold: float = 0.0, top_k: int = 100
     ) -> list[dict[str, Tensor]]:
         """Model outputs → per-image ``scores``, ``labels`` (category ids) and absolute xyxy ``boxes``."""
-        from ..postprocess import postprocess
-
         return postprocess(
             outputs,
             orig_sizes,
@@ -157,9 +162,6 @@ class Detector(nn.Module):
 
         Returns one :class:`Detections` per image, boxes in the original image's pixels.
         """
-        from ..images import load_image_tensor, pad_batch
-        from ..transforms import eval_transforms
-
         single = not isinstance(images, (list, tuple))
         items: Sequence[Any] = [images] if single else images
         was_training = self.training
@@ -183,8 +185,6 @@ class Detector(nn.Module):
     # -- persistence ------------------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write ``config.json`` and ``model.safetensors`` to ``directory`` (atomically); ``detrkit.load`` reads it."""
-        from ..checkpoint import save_pretrained
-
         return save_pretrained(self, directory)
 
     def num_parameters(self, trainable_only: bool = False) -> int:

@@ -18,18 +18,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..backbone import check_resnet_config
 from ..config import ModelConfig
 from ..position_encoding import sine_embed_points
-from .detr import FFN, EncoderLayer, SingleScaleDetector
-from .layers import MLP, inverse_sigmoid
+from .layers import FFN, MLP, EncoderLayer, inverse_sigmoid
+from .registry import Architecture
+from .single_scale import SINGLE_SCALE_FIELDS, SINGLE_SCALE_SHAPE_FIELDS, SingleScaleDetector
 
 
 class ConditionalSelfAttention(nn.Module):
     """Self-attention among queries with separate content and position projections, summed (paper, section 3.3)."""
 
-    def __init__(self, dim: int, nheads: int, dropout: float) -> None:
+    def __init__(self, dim: int, num_heads: int, dropout: float) -> None:
         super().__init__()
-        self.nheads = nheads
+        self.num_heads = num_heads
         self.dropout = dropout
         self.q_content = nn.Linear(dim, dim)
         self.q_pos = nn.Linear(dim, dim)
@@ -41,7 +43,7 @@ class ConditionalSelfAttention(nn.Module):
     def forward(self, tgt: Tensor, query_pos: Tensor) -> Tensor:
         """``tgt (B,Q,D)``, ``query_pos (B,Q,D)`` → ``(B,Q,D)``."""
         b, q, d = tgt.shape
-        heads = (b, q, self.nheads, d // self.nheads)
+        heads = (b, q, self.num_heads, d // self.num_heads)
         qs = (self.q_content(tgt) + self.q_pos(query_pos)).view(heads).transpose(1, 2)  # (B, nh, Q, hd)
         ks = (self.k_content(tgt) + self.k_pos(query_pos)).view(heads).transpose(1, 2)
         vs = self.v(tgt).view(heads).transpose(1, 2)
@@ -57,9 +59,9 @@ class ConditionalCrossAttention(nn.Module):
     layer has ``q_pos``.
     """
 
-    def __init__(self, dim: int, nheads: int, dropout: float, *, first: bool) -> None:
+    def __init__(self, dim: int, num_heads: int, dropout: float, *, first: bool) -> None:
         super().__init__()
-        self.nheads = nheads
+        self.num_heads = num_heads
         self.dropout = dropout
         self.q_content = nn.Linear(dim, dim)
         self.q_pos = nn.Linear(dim, dim) if first else None
@@ -85,7 +87,7 @@ class ConditionalCrossAttention(nn.Module):
         """
         b, q, d = tgt.shape
         s = memory.shape[1]
-        nh, hd = self.nheads, d // self.nheads
+        nh, hd = self.num_heads, d // self.num_heads
         q_content = self.q_content(tgt)
         k_content = self.k_content(memory)
         k_pos = self.k_pos(pos)
@@ -111,18 +113,18 @@ class ConditionalDecoderLayer(nn.Module):
     def __init__(
         self,
         dim: int,
-        nheads: int,
+        num_heads: int,
         ffn_dim: int,
         dropout: float,
         attention_dropout: float,
-        act_dropout: float,
+        activation_dropout: float,
         *,
         first: bool,
     ) -> None:
         super().__init__()
-        self.self_attn = ConditionalSelfAttention(dim, nheads, attention_dropout)
-        self.cross_attn = ConditionalCrossAttention(dim, nheads, attention_dropout, first=first)
-        self.ffn = FFN(dim, ffn_dim, act_dropout)
+        self.self_attn = ConditionalSelfAttention(dim, num_heads, attention_dropout)
+        self.cross_attn = ConditionalCrossAttention(dim, num_heads, attention_dropout, first=first)
+        self.ffn = FFN(dim, ffn_dim, activation_dropout)
         self.norm1 = nn.LayerNorm(dim)
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
@@ -157,7 +159,7 @@ class ConditionalTransformer(nn.Module):
         self,
         *,
         dim: int,
-        nheads: int,
+        num_heads: int,
         enc_layers: int,
         dec_layers: int,
         ffn_dim: int,
@@ -167,7 +169,7 @@ class ConditionalTransformer(nn.Module):
         temperature: float,
     ) -> None:
         super().__init__()
-        args = (dim, nheads, ffn_dim, dropout, attention_dropout, activation_dropout)
+        args = (dim, num_heads, ffn_dim, dropout, attention_dropout, activation_dropout)
         self.encoder = nn.ModuleList(EncoderLayer(*args) for _ in range(enc_layers))
         self.decoder = nn.ModuleList(ConditionalDecoderLayer(*args, first=i == 0) for i in range(dec_layers))
         self.decoder_norm = nn.LayerNorm(dim)
@@ -216,10 +218,10 @@ class ConditionalDETR(SingleScaleDetector):
         self.query_embed = nn.Embedding(c.num_queries, c.hidden_dim)
         self.transformer = ConditionalTransformer(
             dim=c.hidden_dim,
-            nheads=c.nheads,
+            num_heads=c.num_heads,
             enc_layers=c.enc_layers,
             dec_layers=c.dec_layers,
-            ffn_dim=c.dim_feedforward,
+            ffn_dim=c.ffn_dim,
             dropout=c.dropout,
             attention_dropout=c.attention_dropout,
             activation_dropout=c.activation_dropout,
@@ -238,3 +240,12 @@ class ConditionalDETR(SingleScaleDetector):
         centre = offsets[..., :2] + inverse_sigmoid(reference)  # offsets from the reference point, logit space
         boxes = torch.cat([centre, offsets[..., 2:]], dim=-1).sigmoid()
         return self._pack_outputs(logits, boxes)
+
+
+ARCHITECTURE = Architecture(
+    name="conditional_detr",
+    model=ConditionalDETR,
+    fields=SINGLE_SCALE_FIELDS,
+    shape_fields=SINGLE_SCALE_SHAPE_FIELDS,
+    check=check_resnet_config,
+)

@@ -8,30 +8,23 @@ Legend: B batch, Q queries, S = Σ h_l·w_l value tokens over the L levels, D wi
 width, L levels, P sampling points per level and head.
 
 ``ms_deform_attn_reference`` is the plain PyTorch version (one ``grid_sample`` per level, exportable to ONNX);
-``ms_deform_attn`` dispatches to a faster formulation when it is applicable and to the reference otherwise.
+``ms_deform_attn`` dispatches to a compiled CPU kernel (``detrkit/kernels/ms_deform_attn.cpp``) when it is applicable
+and to the reference otherwise; ``kernel_status()`` says which path runs and why.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import logging
 import math
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-IMPLS = ("auto", "reference", "fast")
+from .. import kernels
 
-logger = logging.getLogger(__name__)
+IMPLS = ("auto", "reference", "fast")
 
 
 def _level_shapes(spatial_shapes: Tensor) -> list[tuple[int, int]]:
@@ -106,7 +99,10 @@ def ms_deform_attn(
     if impl == "reference" or (impl == "auto" and not _fast_applicable(value)):
         return ms_deform_attn_reference(value, spatial_shapes, sampling_locations, attention_weights)
     if value.device.type != "cpu" or _kernel() is None:
-        raise RuntimeError("the fast multi-scale deformable attention needs CPU tensors and a C++ compiler")
+        raise RuntimeError(
+            "the fast multi-scale deformable attention needs CPU tensors and its compiled kernel "
+            "(kernel_status() or `detrkit doctor` say why it is unavailable)"
+        )
     return _ms_deform_attn_fast(value, spatial_shapes, sampling_locations, attention_weights)
 
 
@@ -123,321 +119,17 @@ def ms_deform_attn(
 # benchmarks/bench_deform_attn.py), fast / reference: encoder forward 57 / 1137 ms, encoder forward + backward
 # 221 / 2506 ms, decoder (300 queries) forward 3.9 / 9.4 ms, forward + backward 13.4 / 45.6 ms.
 # The backward writes value gradients without atomics by giving each thread whole (batch, head) pairs, so results
-# do not depend on the thread count. Building with plain ``c++`` takes ~3 s, not the minute of a
-# torch.utils.cpp_extension build, and the library is cached per source, flags and CPU.
+# do not depend on the thread count. The source is detrkit/kernels/ms_deform_attn.cpp; detrkit.kernels builds it
+# once per machine (~3 s with plain ``c++``, not the minute of a torch.utils.cpp_extension build) and warns when it
+# cannot.
 
-_KERNEL_SOURCE = r"""
-
-// Multi-scale deformable attention core on the CPU (forward and backward), called through ctypes.
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <pthread.h>
-
-namespace {
-
-struct Problem {
-  const void* value;       // (B, S, nh, hd)
-  const int64_t* shapes;   // (L, 2) as (h, w)
-  const int64_t* starts;   // (L,) first token of each level
-  const void* loc;         // (B, Q, nh, L, P, 2) normalised (x, y)
-  const void* attn;        // (B, Q, nh, L, P)
-  const void* grad_out;    // (B, Q, nh, hd) or null
-  void* out;               // (B, Q, nh, hd) or null
-  void* grad_value;        // (B, S, nh, hd) zero-filled, or null
-  void* grad_loc;          // (B, Q, nh, L, P, 2) zero-filled, or null
-  void* grad_attn;         // (B, Q, nh, L, P) zero-filled, or null
-  int64_t B, S, Q, nh, hd, L, P;
-};
-
-// Hot loops run on GCC/Clang vector extensions (32-byte vectors: AVX where the CPU has it, pairs of 16-byte
-// registers otherwise): dot products are reductions, which compilers do not vectorise without -ffast-math.
-typedef float f32x8 __attribute__((vector_size(32)));
-typedef double f64x4 __attribute__((vector_size(32)));
-template <typename T> struct Vec;
-template <> struct Vec<float> { using type = f32x8; static constexpr int lanes = 8; };
-template <> struct Vec<double> { using type = f64x4; static constexpr int lanes = 4; };
-
-template <typename V, typename T>
-inline V load(const T* p) {
-  V v;
-  std::memcpy(&v, p, sizeof(V));
-  return v;
-}
-
-template <typename V, typename T>
-inline void store(T* p, const V& v) {
-  std::memcpy(p, &v, sizeof(V));
-}
-
-// Normalised coordinate -> pixel coordinate (cell centres at integers), rounded step by step as the reference
-// does: 2·loc − 1 in PyTorch, then grid_sample's unnormalisation (grid + 1)·size/2 − 0.5, which PyTorch's
-// vectorised CPU kernel evaluates as one fused multiply-add (found by probing the x86-64 wheels). Bilinear
-// interpolation is continuous but its gradient jumps at integer pixel coordinates, so any other rounding picks
-// other corners for points within an ulp of a cell border (thousands of them in a float32 encoder, and every
-// point at initialisation, where offsets are whole cells) and their location gradients then differ by O(1).
-template <typename T>
-inline T to_pixel(T loc, int64_t size) {
-  const T grid = T(2) * loc - T(1);
-  return std::fma(grid + T(1), T(size) / T(2), T(-0.5));
-}
-
-// The corners of one sampling point that lie on the map: row offsets (elements from the (b, head) origin of value),
-// bilinear weights, their derivatives in pixel x and y, and the point they belong to. Points are processed in
-// chunks of kChunk so that this list lives on the stack whatever L·P is.
-constexpr int64_t kChunk = 32;
-
-template <typename T>
-struct Taps {
-  int64_t off[4 * kChunk];
-  T w[4 * kChunk], dwx[4 * kChunk], dwy[4 * kChunk];
-  int32_t point[4 * kChunk];
-  int n = 0;
-
-  // Appends the on-map corners of the point at pixel (x, y) of a level of size h×w whose first row is at `start`.
-  // A point with no corner on the map adds nothing. x = −1 exactly still counts (unlike the official CUDA
-  // kernel's test): its corner 0 has weight 0 but a nonzero gradient, as in grid_sample.
-  inline void add(T x, T y, int64_t h, int64_t w, int64_t start, int64_t row_stride, int32_t p) {
-    if (!(x >= T(-1) && y >= T(-1) && x < T(w) && y < T(h))) return;  // also false on NaN
-    const T x0f = std::floor(x), y0f = std::floor(y);
-    const int64_t x0 = int64_t(x0f), y0 = int64_t(y0f);
-    const T fx = x - x0f, fy = y - y0f;
-    const int64_t off00 = (start + y0 * w + x0) * row_stride;
-    const bool in_x0 = x0 >= 0, in_x1 = x0 + 1 < w, in_y0 = y0 >= 0, in_y1 = y0 + 1 < h;
-    if (in_y0 && in_x0) push(off00, (1 - fx) * (1 - fy), -(1 - fy), -(1 - fx), p);
-    if (in_y0 && in_x1) push(off00 + row_stride, fx * (1 - fy), 1 - fy, -fx, p);
-    if (in_y1 && in_x0) push(off00 + w * row_stride, (1 - fx) * fy, -fy, 1 - fx, p);
-    if (in_y1 && in_x1) push(off00 + (w + 1) * row_stride, fx * fy, fy, fx, p);
-  }
-
-  inline void push(int64_t o, T wt, T dx, T dy, int32_t p) {
-    off[n] = o;
-    w[n] = wt;
-    dwx[n] = dx;
-    dwy[n] = dy;
-    point[n] = p;
-    ++n;
-  }
-};
-
-// Sampling points [lp0, lp1) (level-major, as in attention_weights) of one (b, q, head) item into taps.
-template <typename T>
-inline void gather_taps(const Problem& pr, const T* loc_i, int64_t lp0, int64_t lp1, int64_t row_stride,
-                        Taps<T>& taps) {
-  taps.n = 0;
-  for (int64_t l = lp0 / pr.P; l * pr.P < lp1; ++l) {
-    const int64_t h = pr.shapes[2 * l], w = pr.shapes[2 * l + 1], start = pr.starts[l];
-    const int64_t p0 = l * pr.P > lp0 ? l * pr.P : lp0, p1 = (l + 1) * pr.P < lp1 ? (l + 1) * pr.P : lp1;
-    for (int64_t lp = p0; lp < p1; ++lp)
-      taps.add(to_pixel(loc_i[2 * lp], w), to_pixel(loc_i[2 * lp + 1], h), h, w, start, row_stride,
-               int32_t(lp - lp0));
-  }
-}
-
-// HD > 0: head width known at compile time and a multiple of the vector width; HD == 0: any width, scalar loops.
-template <typename T, int HD>
-void forward_items(const Problem& pr, int64_t begin, int64_t end) {
-  using V = typename Vec<T>::type;
-  constexpr int lanes = Vec<T>::lanes, NV = HD / lanes;
-  const T* value = static_cast<const T*>(pr.value);
-  const T* loc = static_cast<const T*>(pr.loc);
-  const T* attn = static_cast<const T*>(pr.attn);
-  T* out = static_cast<T*>(pr.out);
-  const int64_t hd = HD > 0 ? HD : pr.hd, nh = pr.nh, LP = pr.L * pr.P, Q = pr.Q, S = pr.S;
-  const int64_t row_stride = nh * hd;
-  Taps<T> taps;
-  for (int64_t item = begin; item < end; ++item) {  // item = (b·Q + q)·nh + head
-    const int64_t head = item % nh, b = item / (Q * nh);
-    const T* origin = value + (b * S * nh + head) * hd;
-    const T* loc_i = loc + item * LP * 2;
-    const T* attn_i = attn + item * LP;
-    T* out_i = out + item * hd;
-    V acc[NV > 0 ? NV : 1] = {};
-    if (HD == 0)
-      for (int64_t c = 0; c < hd; ++c) out_i[c] = T(0);
-    for (int64_t lp0 = 0; lp0 < LP; lp0 += kChunk) {
-      const int64_t lp1 = lp0 + kChunk < LP ? lp0 + kChunk : LP;
-      gather_taps(pr, loc_i, lp0, lp1, row_stride, taps);
-      for (int j = 0; j < taps.n; ++j) {
-        const T* row = origin + taps.off[j];
-        const T wt = attn_i[lp0 + taps.point[j]] * taps.w[j];
-        if (HD > 0) {
-          for (int v = 0; v < NV; ++v) acc[v] += wt * load<V>(row + v * lanes);
-        } else {
-          for (int64_t c = 0; c < hd; ++c) out_i[c] += wt * row[c];
-        }
-      }
-    }
-    if (HD > 0)
-      for (int v = 0; v < NV; ++v) store(out_i + v * lanes, acc[v]);
-  }
-}
-
-// Units are (b, head) pairs: every write to grad_value of one unit lands in that unit's rows, so units run in
-// parallel without atomics or per-thread copies, and the result does not depend on the thread count.
-template <typename T, int HD>
-void backward_units(const Problem& pr, int64_t begin, int64_t end) {
-  using V = typename Vec<T>::type;
-  constexpr int lanes = Vec<T>::lanes, NV = HD / lanes;
-  const T* value = static_cast<const T*>(pr.value);
-  const T* loc = static_cast<const T*>(pr.loc);
-  const T* attn = static_cast<const T*>(pr.attn);
-  const T* grad_out = static_cast<const T*>(pr.grad_out);
-  T* grad_value = static_cast<T*>(pr.grad_value);
-  T* grad_loc = static_cast<T*>(pr.grad_loc);
-  T* grad_attn = static_cast<T*>(pr.grad_attn);
-  const int64_t hd = HD > 0 ? HD : pr.hd, nh = pr.nh, LP = pr.L * pr.P, Q = pr.Q, S = pr.S;
-  const int64_t row_stride = nh * hd;
-  Taps<T> taps;
-  T g_attn[kChunk], g_x[kChunk], g_y[kChunk];  // per point of the chunk: d loss / d (weight, pixel x, pixel y)
-  for (int64_t unit = begin; unit < end; ++unit) {
-    const int64_t b = unit / nh, head = unit % nh;
-    const T* origin = value + (b * S * nh + head) * hd;
-    T* g_origin = grad_value ? grad_value + (b * S * nh + head) * hd : nullptr;
-    for (int64_t q = 0; q < Q; ++q) {
-      const int64_t item = (b * Q + q) * nh + head;
-      const T* go = grad_out + item * hd;
-      const T* loc_i = loc + item * LP * 2;
-      const T* attn_i = attn + item * LP;
-      V go_v[NV > 0 ? NV : 1];
-      for (int v = 0; v < NV; ++v) go_v[v] = load<V>(go + v * lanes);
-      for (int64_t lp0 = 0; lp0 < LP; lp0 += kChunk) {
-        const int64_t lp1 = lp0 + kChunk < LP ? lp0 + kChunk : LP;
-        gather_taps(pr, loc_i, lp0, lp1, row_stride, taps);
-        for (int64_t k = 0; k < lp1 - lp0; ++k) g_attn[k] = g_x[k] = g_y[k] = T(0);
-        for (int j = 0; j < taps.n; ++j) {
-          const T* row = origin + taps.off[j];
-          const T a = attn_i[lp0 + taps.point[j]];
-          T d;  // go · row
-          if (HD > 0) {
-            V s = go_v[0] * load<V>(row);
-            for (int v = 1; v < NV; ++v) s += go_v[v] * load<V>(row + v * lanes);
-            d = T(0);
-            for (int i = 0; i < lanes; ++i) d += s[i];
-            if (g_origin) {
-              T* grow = g_origin + taps.off[j];
-              const T wt = a * taps.w[j];
-              for (int v = 0; v < NV; ++v) store(grow + v * lanes, load<V>(grow + v * lanes) + wt * go_v[v]);
-            }
-          } else {
-            d = T(0);
-            for (int64_t c = 0; c < hd; ++c) d += go[c] * row[c];
-            if (g_origin) {
-              T* grow = g_origin + taps.off[j];
-              const T wt = a * taps.w[j];
-              for (int64_t c = 0; c < hd; ++c) grow[c] += wt * go[c];
-            }
-          }
-          const int p = taps.point[j];
-          g_attn[p] += taps.w[j] * d;
-          g_x[p] += taps.dwx[j] * d;
-          g_y[p] += taps.dwy[j] * d;
-        }
-        for (int64_t lp = lp0; lp < lp1; ++lp) {
-          const int64_t l = lp / pr.P, k = lp - lp0;
-          if (grad_attn) grad_attn[item * LP + lp] = g_attn[k];
-          if (grad_loc) {
-            // pixel x = (2·loc_x − 1 + 1)·w/2 − 0.5, so d/d loc_x = w · d/dx.
-            const T a = attn_i[lp];
-            grad_loc[(item * LP + lp) * 2] = a * g_x[k] * T(pr.shapes[2 * l + 1]);
-            grad_loc[(item * LP + lp) * 2 + 1] = a * g_y[k] * T(pr.shapes[2 * l]);
-          }
-        }
-      }
-    }
-  }
-}
-
-using RangeFn = void (*)(const Problem&, int64_t, int64_t);
-
-struct Task {
-  RangeFn fn;
-  const Problem* pr;
-  int64_t begin, end;
-};
-
-void* run_task(void* arg) {
-  const Task* t = static_cast<const Task*>(arg);
-  t->fn(*t->pr, t->begin, t->end);
-  return nullptr;
-}
-
-// Splits [0, n) into contiguous chunks over n_threads threads (the caller's thread runs the first). Threads are
-// started per call: microseconds against milliseconds of work, and nothing spins between calls.
-void parallel(RangeFn fn, const Problem& pr, int64_t n, int64_t n_threads) {
-  constexpr int64_t kMaxThreads = 256;
-  if (n_threads > n) n_threads = n;
-  if (n_threads > kMaxThreads) n_threads = kMaxThreads;
-  if (n_threads <= 1) {
-    fn(pr, 0, n);
-    return;
-  }
-  Task tasks[kMaxThreads];
-  pthread_t threads[kMaxThreads];
-  bool started[kMaxThreads] = {};
-  for (int64_t i = 0; i < n_threads; ++i) tasks[i] = Task{fn, &pr, n * i / n_threads, n * (i + 1) / n_threads};
-  for (int64_t i = 1; i < n_threads; ++i)
-    started[i] = pthread_create(&threads[i], nullptr, run_task, &tasks[i]) == 0;
-  run_task(&tasks[0]);
-  for (int64_t i = 1; i < n_threads; ++i) {
-    if (started[i])
-      pthread_join(threads[i], nullptr);
-    else
-      run_task(&tasks[i]);  // could not start a thread: do its share here
-  }
-}
-
-template <typename T>
-RangeFn pick_forward(int64_t hd) {
-  switch (hd) {
-    case 16: return forward_items<T, 16>;
-    case 32: return forward_items<T, 32>;
-    case 64: return forward_items<T, 64>;
-    default: return forward_items<T, 0>;
-  }
-}
-
-template <typename T>
-RangeFn pick_backward(int64_t hd) {
-  switch (hd) {
-    case 16: return backward_units<T, 16>;
-    case 32: return backward_units<T, 32>;
-    case 64: return backward_units<T, 64>;
-    default: return backward_units<T, 0>;
-  }
-}
-
-}  // namespace
-
-extern "C" {
-
-int msda_abi_version() { return 1; }
-
-// dtype: 0 float32, 1 float64.
-int msda_forward(const Problem* pr, int dtype, int64_t n_threads) {
-  RangeFn fn = dtype == 0 ? pick_forward<float>(pr->hd) : dtype == 1 ? pick_forward<double>(pr->hd) : nullptr;
-  if (!fn) return 1;
-  parallel(fn, *pr, pr->B * pr->Q * pr->nh, n_threads);
-  return 0;
-}
-
-int msda_backward(const Problem* pr, int dtype, int64_t n_threads) {
-  RangeFn fn = dtype == 0 ? pick_backward<float>(pr->hd) : dtype == 1 ? pick_backward<double>(pr->hd) : nullptr;
-  if (!fn) return 1;
-  parallel(fn, *pr, pr->B * pr->nh, n_threads);
-  return 0;
-}
-
-}  // extern "C"
-"""
-
-_KERNEL_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread")
-_KERNEL_FLAGS_PORTABLE = tuple(f for f in _KERNEL_FLAGS if f != "-march=native")  # for compilers without it
-_KERNEL_ABI = 1
+_KERNEL_ABI = 1  # msda_abi_version() of detrkit/kernels/ms_deform_attn.cpp
+# Completes the warning when the kernel is unavailable (figures from the comment above).
+_FALLBACK = "multi-scale deformable attention (Deformable DETR) runs the grid_sample reference, 10-20x slower"
 
 
 class _Problem(ctypes.Structure):
-    # Mirrors ``struct Problem`` in _KERNEL_SOURCE, field for field.
+    # Mirrors ``struct Problem`` in ms_deform_attn.cpp, field for field; _check_library compares the layouts.
     _fields_ = [
         *((name, ctypes.c_void_p) for name in ("value", "shapes", "starts", "loc", "attn", "grad_out", "out")),
         *((name, ctypes.c_void_p) for name in ("grad_value", "grad_loc", "grad_attn")),
@@ -445,61 +137,45 @@ class _Problem(ctypes.Structure):
     ]
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(root) / "detrkit" / "kernels"
-
-
-def _cpu_id() -> str:
-    # -march=native binaries are only valid on the CPU they were built for: key the cache on its feature flags.
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def _compile_kernel(cache_dir: Path, compiler: str | None) -> ctypes.CDLL | None:
-    """Builds (or finds in ``cache_dir``) and loads the kernel library; None when that is not possible."""
-    if compiler is None:
-        return None
-    key = "\n".join([_KERNEL_SOURCE, compiler, *_KERNEL_FLAGS, platform.machine(), _cpu_id()])
-    lib_path = cache_dir / f"ms_deform_attn_{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
-    try:
-        if not lib_path.exists():
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
-                src = Path(tmp) / "ms_deform_attn.cpp"
-                src.write_text(_KERNEL_SOURCE, encoding="utf-8")
-                tmp_lib = Path(tmp) / "lib.so"
-                for flags in (_KERNEL_FLAGS, _KERNEL_FLAGS_PORTABLE):
-                    cmd = [compiler, *flags, str(src), "-o", str(tmp_lib)]
-                    if subprocess.run(cmd, capture_output=True, timeout=120).returncode == 0:
-                        break
-                else:
-                    raise OSError(f"{compiler} could not build the kernel")
-                # Atomic: a concurrent process sees the finished library or none.
-                os.replace(tmp_lib, lib_path)
-        lib = ctypes.CDLL(str(lib_path))
-        if lib.msda_abi_version() != _KERNEL_ABI:
-            return None
-    except (OSError, subprocess.SubprocessError) as e:
-        logger.debug("deformable attention kernel unavailable (%s); using the reference", e)
-        return None
+def _check_library(lib: ctypes.CDLL) -> None:
+    """Refuses a library whose ABI version or ``struct Problem`` layout differs from this file's (raises)."""
+    if lib.msda_abi_version() != _KERNEL_ABI:
+        raise kernels.KernelMismatchError(f"ABI version {lib.msda_abi_version()}, expected {_KERNEL_ABI}")
+    lib.msda_problem_layout.argtypes = [ctypes.POINTER(ctypes.c_int64), ctypes.c_int64]
+    lib.msda_problem_layout.restype = ctypes.c_int64
+    buffer = (ctypes.c_int64 * 64)()
+    theirs = list(buffer[: lib.msda_problem_layout(buffer, len(buffer))])
+    ours = [ctypes.sizeof(_Problem), *(getattr(_Problem, name).offset for name, _ in _Problem._fields_)]
+    if theirs != ours:
+        raise kernels.KernelMismatchError(
+            f"struct Problem has layout {theirs} in C++ and {ours} in ctypes (sizeof, then each field's offset)"
+        )
     for name in ("msda_forward", "msda_backward"):
         fn = getattr(lib, name)
         fn.argtypes = [ctypes.POINTER(_Problem), ctypes.c_int, ctypes.c_int64]
         fn.restype = ctypes.c_int
-    return lib
 
 
 @functools.cache
+def _library() -> kernels.KernelLibrary:
+    # Once per process, on first CPU use; the build itself happens once per machine (see detrkit/kernels).
+    return kernels.load("ms_deform_attn", fallback=_FALLBACK, validate=_check_library)
+
+
 def _kernel() -> ctypes.CDLL | None:
-    """The kernel library, built once per process on first use (and once per machine thanks to the cache)."""
-    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
-    return _compile_kernel(_cache_dir(), compiler)
+    """The kernel library, or None when the reference must run (no compiler, failed build, disabled)."""
+    return _library().lib
+
+
+def kernel_status() -> dict[str, str | None]:
+    """Which path ``ms_deform_attn(impl="auto")`` takes for CPU tensors, and why (builds the kernel if needed).
+
+    Keys: ``path`` ("cpu-kernel" or "reference"), ``reason`` ("built", "loaded from cache", "no compiler",
+    "build failed", "disabled", "load failed", "incompatible"), ``detail`` (the library's path or the error),
+    ``library``, ``compiler``, ``compiler_version``, ``command`` and ``compiler_output``. GPU tensors, tracing,
+    export and ``torch.compile`` always take the reference.
+    """
+    return _library().status()
 
 
 def _ptr(t: Tensor | None) -> int | None:
@@ -603,16 +279,16 @@ class MultiScaleDeformableAttention(nn.Module):
     ``value_proj``/``output_proj`` project in and out of the heads.
     """
 
-    def __init__(self, dim: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4) -> None:
+    def __init__(self, dim: int = 256, n_levels: int = 4, num_heads: int = 8, n_points: int = 4) -> None:
         super().__init__()
-        if dim % n_heads != 0:
-            raise ValueError(f"dim ({dim}) must be divisible by n_heads ({n_heads})")
+        if dim % num_heads != 0:
+            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
         self.dim = dim
         self.n_levels = n_levels
-        self.n_heads = n_heads
+        self.num_heads = num_heads
         self.n_points = n_points
-        self.sampling_offsets = nn.Linear(dim, n_heads * n_levels * n_points * 2)
-        self.attention_weights = nn.Linear(dim, n_heads * n_levels * n_points)
+        self.sampling_offsets = nn.Linear(dim, num_heads * n_levels * n_points * 2)
+        self.attention_weights = nn.Linear(dim, num_heads * n_levels * n_points)
         self.value_proj = nn.Linear(dim, dim)
         self.output_proj = nn.Linear(dim, dim)
         self.reset_parameters()
@@ -622,7 +298,7 @@ class MultiScaleDeformableAttention(nn.Module):
         nn.init.zeros_(self.sampling_offsets.weight)
         # Head k looks along angle 2πk/nh; scaling by the larger of |cos|, |sin| puts the first point on the
         # square ring one cell away, and point i (0-based) on the ring i + 1 cells away, on every level.
-        thetas = torch.arange(self.n_heads, dtype=torch.float32) * (2.0 * math.pi / self.n_heads)
+        thetas = torch.arange(self.num_heads, dtype=torch.float32) * (2.0 * math.pi / self.num_heads)
         grid = torch.stack([thetas.cos(), thetas.sin()], -1)  # (nh, 2)
         grid = grid / grid.abs().max(-1, keepdim=True).values
         grid = grid[:, None, None, :].repeat(1, self.n_levels, self.n_points, 1)  # (nh, L, P, 2)
@@ -661,7 +337,7 @@ class MultiScaleDeformableAttention(nn.Module):
         """
         b, q, _ = query.shape
         s = value.shape[1]
-        nh, n_levels, n_points = self.n_heads, self.n_levels, self.n_points
+        nh, n_levels, n_points = self.num_heads, self.n_levels, self.n_points
         value = self.value_proj(value)
         if padding_mask is not None:
             # Padded tokens must read as zeros, like the zero padding outside the map.
@@ -687,4 +363,4 @@ class MultiScaleDeformableAttention(nn.Module):
         return self.output_proj(out)
 
 
-__all__ = ["MultiScaleDeformableAttention", "ms_deform_attn", "ms_deform_attn_reference"]
+__all__ = ["MultiScaleDeformableAttention", "kernel_status", "ms_deform_attn", "ms_deform_attn_reference"]

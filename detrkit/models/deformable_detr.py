@@ -21,13 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..backbone import ResNetBackbone
+from ..backbone import RESNET_CONFIG_FIELDS, RESNET_SHAPE_FIELDS, ResNetBackbone, check_resnet_config
 from ..config import ModelConfig
 from ..position_encoding import build_position_encoding
 from .base import Detector
 from .deformable_attention import MultiScaleDeformableAttention
-from .detr import FFN, init_focal_bias
-from .layers import MLP, Attention, inverse_sigmoid
+from .layers import FFN, MLP, Attention, init_focal_bias, inverse_sigmoid
+from .registry import Architecture
 
 # The backbone stages that feed the transformer (strides 8, 16, 32); further levels are strided convolutions.
 BACKBONE_LEVELS = (2, 3, 4)
@@ -62,11 +62,18 @@ class DeformableEncoderLayer(nn.Module):
     """Post-norm encoder layer: multi-scale deformable self-attention (each cell samples around itself), FFN."""
 
     def __init__(
-        self, dim: int, nheads: int, n_levels: int, n_points: int, ffn_dim: int, dropout: float, act_dropout: float
+        self,
+        dim: int,
+        num_heads: int,
+        n_levels: int,
+        n_points: int,
+        ffn_dim: int,
+        dropout: float,
+        activation_dropout: float,
     ) -> None:
         super().__init__()
-        self.self_attn = MultiScaleDeformableAttention(dim, n_levels, nheads, n_points)
-        self.ffn = FFN(dim, ffn_dim, act_dropout)
+        self.self_attn = MultiScaleDeformableAttention(dim, n_levels, num_heads, n_points)
+        self.ffn = FFN(dim, ffn_dim, activation_dropout)
         self.norm1 = nn.LayerNorm(dim)
         self.norm2 = nn.LayerNorm(dim)
         self.dropout1 = nn.Dropout(dropout)
@@ -89,18 +96,18 @@ class DeformableDecoderLayer(nn.Module):
     def __init__(
         self,
         dim: int,
-        nheads: int,
+        num_heads: int,
         n_levels: int,
         n_points: int,
         ffn_dim: int,
         dropout: float,
         attention_dropout: float,
-        act_dropout: float,
+        activation_dropout: float,
     ) -> None:
         super().__init__()
-        self.self_attn = Attention(dim, nheads, dropout=attention_dropout)
-        self.cross_attn = MultiScaleDeformableAttention(dim, n_levels, nheads, n_points)
-        self.ffn = FFN(dim, ffn_dim, act_dropout)
+        self.self_attn = Attention(dim, num_heads, dropout=attention_dropout)
+        self.cross_attn = MultiScaleDeformableAttention(dim, n_levels, num_heads, n_points)
+        self.ffn = FFN(dim, ffn_dim, activation_dropout)
         self.norm1 = nn.LayerNorm(dim)
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
@@ -270,9 +277,9 @@ class DeformableDETR(Detector):
         # Which level of the same-sized maps a token comes from (section 4.1, "scale-level embedding").
         self.level_embed = nn.Parameter(torch.empty(n_levels, d))
 
-        enc_args = (d, c.nheads, n_levels, c.enc_points, c.dim_feedforward, c.dropout, c.activation_dropout)
+        enc_args = (d, c.num_heads, n_levels, c.enc_points, c.ffn_dim, c.dropout, c.activation_dropout)
         self.encoder = DeformableEncoder([DeformableEncoderLayer(*enc_args) for _ in range(c.enc_layers)])
-        dec_args = (d, c.nheads, n_levels, c.dec_points, c.dim_feedforward, c.dropout)
+        dec_args = (d, c.num_heads, n_levels, c.dec_points, c.ffn_dim, c.dropout)
         dec_layers = [
             DeformableDecoderLayer(*dec_args, c.attention_dropout, c.activation_dropout) for _ in range(c.dec_layers)
         ]
@@ -517,3 +524,14 @@ def _proposal_sine_embed(coords: Tensor, num_feats: int, temperature: float = 10
     pos = coords.sigmoid().float()[..., None] * (2 * math.pi) / dim_t  # (B, Q, 4, F)
     pos = torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=-1).flatten(2)  # (B, Q, 4·F)
     return pos.to(coords.dtype)
+
+
+DEFORMABLE_FIELDS = ("num_feature_levels", "enc_points", "dec_points", "box_refine", "two_stage")
+
+ARCHITECTURE = Architecture(
+    name="deformable_detr",
+    model=DeformableDETR,
+    fields=(*RESNET_CONFIG_FIELDS, *DEFORMABLE_FIELDS),
+    shape_fields=(*RESNET_SHAPE_FIELDS, *DEFORMABLE_FIELDS),
+    check=check_resnet_config,
+)

@@ -1,9 +1,14 @@
-"""Building blocks shared by the DETR variants: attention with separate q/k/v projections and the box MLP.
+"""Building blocks shared by the DETR variants: attention with separate q/k/v projections, the feed-forward
+block, the post-norm encoder layer, the box MLP and the focal-loss prior of class heads.
+
+Layer: building blocks. Imports torch only; every architecture may import it, it imports no architecture.
 
 Legend: B batch, T query tokens, S key tokens, D width, nh heads, hd = D / nh.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -66,3 +71,49 @@ class MLP(nn.Module):
             if i < len(self.layers) - 1:
                 x = F.relu(x)
         return x
+
+
+class FFN(nn.Module):
+    """The transformer's position-wise feed-forward block: linear → ReLU → dropout → linear."""
+
+    def __init__(self, dim: int, hidden: int, dropout: float) -> None:
+        super().__init__()
+        self.linear1 = nn.Linear(dim, hidden)
+        self.linear2 = nn.Linear(hidden, dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear2(self.dropout(F.relu(self.linear1(x))))
+
+
+class EncoderLayer(nn.Module):
+    """Post-norm encoder layer; the position embedding is added to queries and keys, not values (paper, A.3)."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        ffn_dim: int,
+        dropout: float,
+        attention_dropout: float,
+        activation_dropout: float,
+    ):
+        super().__init__()
+        self.self_attn = Attention(dim, num_heads, dropout=attention_dropout)
+        self.ffn = FFN(dim, ffn_dim, activation_dropout)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+
+    def forward(self, src: Tensor, pos: Tensor, padding_mask: Tensor | None) -> Tensor:
+        """``src (B,S,D)``, ``pos (B,S,D)``, ``padding_mask (B,S)`` → ``(B,S,D)``."""
+        qk = src + pos
+        src = self.norm1(src + self.dropout1(self.self_attn(qk, qk, src, padding_mask)))
+        return self.norm2(src + self.dropout2(self.ffn(src)))
+
+
+def init_focal_bias(class_embed: nn.Linear, prior: float = 0.01) -> None:
+    """Start every sigmoid at probability ``prior`` (RetinaNet's, as Deformable and Conditional DETR): the focal
+    loss would otherwise be swamped by the many easy negatives at the start."""
+    nn.init.constant_(class_embed.bias, -math.log((1 - prior) / prior))

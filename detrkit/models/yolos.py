@@ -40,14 +40,16 @@ from torch import Tensor, nn
 from ..config import ModelConfig
 from .base import Detector
 from .layers import MLP, Attention
+from .registry import Architecture
 
 # transformers' YolosConfig.layer_norm_eps; the official code (timm) uses 1e-6, a relative difference of ~5e-7
 # for unit-variance activations. 1e-12 makes converted checkpoints match transformers exactly.
 LAYER_NORM_EPS = 1e-12
 
 
-class FeedForward(nn.Module):
-    """The ViT MLP: linear → GELU → dropout → linear."""
+class ViTMLP(nn.Module):
+    """ViT's MLP block: linear → GELU → dropout → linear (keys ``fc1``/``fc2``, timm's; DETR's ReLU block is
+    ``layers.FFN``)."""
 
     def __init__(self, dim: int, hidden: int, dropout: float) -> None:
         super().__init__()
@@ -63,13 +65,20 @@ class Block(nn.Module):
     """Pre-norm transformer block of ViT/DeiT: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``."""
 
     def __init__(
-        self, dim: int, nheads: int, ffn_dim: int, *, dropout: float, attention_dropout: float, act_dropout: float
+        self,
+        dim: int,
+        num_heads: int,
+        ffn_dim: int,
+        *,
+        dropout: float,
+        attention_dropout: float,
+        activation_dropout: float,
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
-        self.attn = Attention(dim, nheads, dropout=attention_dropout)
+        self.attn = Attention(dim, num_heads, dropout=attention_dropout)
         self.norm2 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
-        self.mlp = FeedForward(dim, ffn_dim, act_dropout)
+        self.mlp = ViTMLP(dim, ffn_dim, activation_dropout)
         self.dropout1 = nn.Dropout(dropout)
         self.dropout2 = nn.Dropout(dropout)
 
@@ -108,7 +117,7 @@ class VisionTransformer(nn.Module):
         *,
         dim: int = 192,
         depth: int = 12,
-        nheads: int = 3,
+        num_heads: int = 3,
         ffn_dim: int = 768,
         patch_size: int = 16,
         pretrain_image_size: tuple[int, int] = (800, 1333),
@@ -140,11 +149,11 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.ModuleList(
             Block(
                 dim,
-                nheads,
+                num_heads,
                 ffn_dim,
                 dropout=dropout,
                 attention_dropout=attention_dropout,
-                act_dropout=activation_dropout,
+                activation_dropout=activation_dropout,
             )
             for _ in range(depth)
         )
@@ -233,23 +242,22 @@ class YOLOS(Detector):
     cx, cy, w, h of the unpadded image). No ``aux_outputs``: YOLOS has a single prediction stage, whatever
     ``config.aux_loss`` says.
 
-    Config: ``hidden_dim``, ``nheads``, ``enc_layers`` (ViT depth), ``dim_feedforward`` (MLP width),
+    Config: ``hidden_dim``, ``num_heads``, ``enc_layers`` (ViT depth), ``ffn_dim`` (MLP width),
     ``num_queries`` (detection tokens), ``patch_size``, ``pretrain_image_size``, ``mid_position_embeddings``,
     ``vit_padding`` (see the module docstring) and ``backbone_weights``: a DeiT/ViT ImageNet checkpoint (timm or
-    transformers layout, file or folder) to initialise the ViT from (``convert.yolos.init_vit_from_checkpoint``).
+    transformers layout, file or folder) to initialise the ViT from, read by ``detrkit.build`` and the engine
+    (``convert.yolos.init_vit_from_checkpoint``), never by the constructor.
     The ViT is ``self.backbone``, so it trains at ``train.lr_backbone`` (YOLOS uses one rate for everything).
     """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
         c = config
-        if c.enc_layers < 1:
-            raise ValueError("YOLOS needs at least one ViT block (enc_layers ≥ 1)")
         self.backbone = VisionTransformer(
             dim=c.hidden_dim,
             depth=c.enc_layers,
-            nheads=c.nheads,
-            ffn_dim=c.dim_feedforward,
+            num_heads=c.num_heads,
+            ffn_dim=c.ffn_dim,
             patch_size=c.patch_size,
             pretrain_image_size=c.pretrain_image_size,
             num_det_tokens=c.num_queries,
@@ -263,12 +271,27 @@ class YOLOS(Detector):
         if c.focal:
             nn.init.constant_(self.class_embed.layers[-1].bias, -math.log((1 - 0.01) / 0.01))
         self.bbox_embed = MLP(c.hidden_dim, c.hidden_dim, 4, 3)
-        if c.backbone_weights and not self.backbone.pos_embed.is_meta:
-            from ..convert.yolos import init_vit_from_checkpoint
-
-            init_vit_from_checkpoint(self.backbone, c.backbone_weights)
 
     def forward(self, pixel_values: Tensor, padding_mask: Tensor | None = None) -> dict:
         self._check_inputs(pixel_values, padding_mask)
         hs = self.backbone(pixel_values, padding_mask)  # (B, Q, D)
         return {"pred_logits": self.class_embed(hs), "pred_boxes": self.bbox_embed(hs).sigmoid()}
+
+
+def _check_yolos(config: ModelConfig) -> None:
+    if config.backbone != "vit":
+        raise ValueError(f"arch 'yolos' is a ViT: set backbone to 'vit' (got {config.backbone!r})")
+    if config.vit_padding not in ("mask", "ignore"):
+        raise ValueError(f"vit_padding must be 'mask' or 'ignore', got {config.vit_padding!r}")
+    if config.enc_layers < 1:
+        raise ValueError("YOLOS needs at least one ViT block (enc_layers ≥ 1)")
+
+
+ARCHITECTURE = Architecture(
+    name="yolos",
+    model=YOLOS,
+    fields=("patch_size", "pretrain_image_size", "mid_position_embeddings", "vit_padding"),
+    shape_fields=("patch_size", "pretrain_image_size", "mid_position_embeddings"),
+    defaults={"backbone": "vit"},
+    check=_check_yolos,
+)

@@ -1,0 +1,132 @@
+"""What a training run is made of, built from its config: datasets, model config, criterion, optimizer, scaler, EMA.
+
+Each builder is a function of the config (and what it needs besides); none changes global state.
+
+Imports: config, the building blocks (criterion, matcher, data, transforms), models, and ``schedule``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import distributed as dist
+from ..config import ModelConfig, RunConfig, TrainConfig
+from ..criterion import SetCriterion
+from ..data import CocoDetection
+from ..matcher import HungarianMatcher
+from ..transforms import eval_transforms, train_transforms
+from .schedule import param_groups
+
+
+def build_criterion(config: RunConfig, num_classes: int) -> SetCriterion:
+    lc, focal = config.loss, config.model.focal
+    matcher = HungarianMatcher(
+        cost_class=lc.cost_class,
+        cost_bbox=lc.cost_bbox,
+        cost_giou=lc.cost_giou,
+        focal=focal,
+        focal_alpha=lc.focal_alpha,
+        focal_gamma=lc.focal_gamma,
+    )
+    return SetCriterion(
+        num_classes=num_classes,
+        matcher=matcher,
+        eos_coef=lc.eos_coef,
+        weight_ce=lc.weight_ce,
+        weight_bbox=lc.weight_bbox,
+        weight_giou=lc.weight_giou,
+        focal=focal,
+        focal_alpha=lc.focal_alpha,
+        focal_gamma=lc.focal_gamma,
+    )
+
+
+def build_datasets(config: RunConfig) -> tuple[CocoDetection, CocoDetection | None]:
+    """The train split and the val split (None without ``data.val_annotations``), with the same categories."""
+    train_set, val_set = build_train_dataset(config), build_val_dataset(config)
+    if val_set is not None and val_set.label_map != train_set.label_map:
+        raise ValueError(
+            f"the val annotations ({config.data.val_annotations}) have different categories from the train "
+            f"annotations ({config.data.train_annotations}): ids {list(val_set.label_map.category_ids)} "
+            f"vs {list(train_set.label_map.category_ids)}"
+        )
+    return train_set, val_set
+
+
+def build_train_dataset(config: RunConfig) -> CocoDetection:
+    d = config.data
+    _require_files(d.train_images, d.train_annotations, "train")
+    tf = train_transforms(
+        scales=d.train_scales,
+        max_size=d.train_max_size,
+        crop_resize=d.crop_resize if d.random_crop else None,
+        crop_size=d.crop_size,
+    )
+    return CocoDetection(d.train_images, d.train_annotations, transforms=tf)
+
+
+def build_val_dataset(config: RunConfig) -> CocoDetection | None:
+    d = config.data
+    if not d.val_annotations:
+        return None
+    _require_files(d.val_images, d.val_annotations, "val")
+    return CocoDetection(
+        d.val_images,
+        d.val_annotations,
+        transforms=eval_transforms(size=d.eval_size, max_size=d.eval_max_size),
+    )
+
+
+def _require_files(images: str, annotations: str, split: str) -> None:
+    if not images or not annotations:
+        raise ValueError(f"data.{split}_images and data.{split}_annotations must be set in the config")
+    if not Path(images).is_dir():
+        raise FileNotFoundError(f"data.{split}_images: no such folder {images}")
+    if not Path(annotations).is_file():
+        raise FileNotFoundError(f"data.{split}_annotations: no such file {annotations}")
+
+
+def model_config_for_data(config: RunConfig, dataset: CocoDetection) -> ModelConfig:
+    """The config's model with the dataset's classes and the evaluation resize (``predict`` resizes the same way)."""
+    lm = dataset.label_map
+    return config.model.replace(
+        num_classes=lm.num_classes,
+        category_ids=lm.category_ids,
+        class_names=lm.names,
+        image_size=config.data.eval_size,
+        max_size=config.data.eval_max_size,
+    )
+
+
+def wrap_distributed(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` in ``DistributedDataParallel`` when a process group is up, else ``model`` itself."""
+    if not dist.is_distributed():
+        return model
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def build_optimizer(model: nn.Module, train: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    # fused: one kernel per step instead of a dozen passes over every parameter (CPU and CUDA; what
+    # transformers' Trainer also defaults to)
+    fused = device.type in ("cpu", "cuda")
+    groups = param_groups(model, train.lr, train.lr_backbone)
+    return torch.optim.AdamW(groups, lr=train.lr, weight_decay=train.weight_decay, fused=fused)
+
+
+def build_scaler(train: TrainConfig, device: torch.device) -> torch.amp.GradScaler:
+    """fp16 loss scaling on CUDA; a disabled scaler (a no-op) otherwise."""
+    if train.amp == "fp16" and device.type != "cuda":
+        raise ValueError("train.amp=fp16 needs a CUDA device; use train.amp=bf16 on the CPU")
+    return torch.amp.GradScaler(device.type, enabled=train.amp == "fp16" and device.type == "cuda")
+
+
+def build_ema(model: nn.Module, train: TrainConfig) -> torch.optim.swa_utils.AveragedModel | None:
+    """An exponential moving average of the weights and buffers (``train.ema``), or None."""
+    if not train.ema:
+        return None
+    return torch.optim.swa_utils.AveragedModel(
+        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(train.ema_decay), use_buffers=True
+    )

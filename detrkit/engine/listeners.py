@@ -1,0 +1,297 @@
+"""What reports a training run and writes its files: the ``Listener`` hooks and the default listeners.
+
+The ``Trainer`` calls each hook on every listener, in list order; ``default_listeners`` builds the list once, when
+the trainer is built. Files open in ``on_fit_start`` and close in ``on_close``, which runs however ``fit`` ends.
+
+- ``ProgressLog``: the start line, and a bar (or a log line every ``train.log_every`` steps) per epoch.
+- ``Evaluation``: COCO metrics on the val split, added to the epoch record; ``metrics.json``; ``best/``.
+- ``JsonlLog``: ``log.jsonl``, one JSON object per step and per epoch.
+- ``TensorBoard``: ``tensorboard/`` (``train.tensorboard``).
+- ``Checkpoints``: ``config.yaml``; ``checkpoints/`` every ``train.checkpoint_every_steps``, each epoch and on a
+  stop signal; ``model/`` when training completes.
+- ``Curves``: ``curves.png`` when training completes.
+- ``StopOnSignal``: Ctrl-C/SIGTERM ask the trainer to stop after the current step (a second signal stops at once).
+
+Only rank 0 writes files; evaluation and signals run on every process.
+
+Imports: ``evaluation``, ``visualize``, ``checkpoint``, ``config``, ``data``, ``models``, ``distributed`` (all
+below the engine) and ``state``; never ``loop`` (the ``TrainerView`` protocol below says what a listener may use).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from .. import distributed as dist
+from ..checkpoint import atomic_write_text
+from ..config import RunConfig
+from ..data import CocoDetection
+from ..evaluation import COCO_METRIC_KEYS, Progress, evaluate_model, write_metrics
+from ..models import Detector
+from .state import TrainState
+
+log = logging.getLogger("detrkit")
+
+Record = dict[str, Any]  # a log.jsonl line: {"type": "step" | "epoch", "epoch", "step", ...}
+
+
+class TrainerView(Protocol):
+    """What listeners see of ``loop.Trainer`` (a protocol: the loop imports this module, not the reverse)."""
+
+    config: RunConfig
+    run_dir: Path
+    is_main: bool
+    device: torch.device
+    model: Detector
+    train_set: CocoDetection
+    val_set: CocoDetection | None
+    steps_per_epoch: int
+    state: TrainState
+    metrics: dict[str, float]
+
+    @property
+    def stop_signal(self) -> int | None: ...
+    def request_stop(self, signum: int) -> None: ...
+    def eval_model(self) -> Detector: ...
+    def export(self, name: str) -> Path | None: ...
+    def save_checkpoint(self) -> Path | None: ...
+
+
+class Listener:
+    """Hooks of a training run; each does nothing unless overridden."""
+
+    def on_fit_start(self, trainer: TrainerView) -> None:
+        """``fit()`` begins (a new run or a resumed one)."""
+
+    def on_epoch_start(self, trainer: TrainerView, epoch: int, steps: int) -> None:
+        """Epoch ``epoch`` (0-based) begins or resumes, with ``steps`` updates left in it."""
+
+    def on_step_end(self, trainer: TrainerView, record: Record) -> None:
+        """An update ended (applied or skipped); ``record`` is its log line."""
+
+    def on_epoch_end(self, trainer: TrainerView, record: Record) -> None:
+        """An epoch ended; listeners may add entries to ``record`` for the ones after them (evaluation does)."""
+
+    def on_stop(self, trainer: TrainerView) -> None:
+        """A stop signal ends the run after this step (every process agrees)."""
+
+    def on_complete(self, trainer: TrainerView) -> None:
+        """Every epoch is trained."""
+
+    def on_close(self, trainer: TrainerView) -> None:
+        """``fit()`` returns or raises: release files and handlers."""
+
+
+def default_listeners(trainer: TrainerView) -> list[Listener]:
+    """The listeners of a run, in the order they are called: evaluation before the logs that record its
+    metrics, logs before checkpoints."""
+    t, run_dir, main = trainer.config.train, trainer.run_dir, trainer.is_main
+    listeners: list[Listener] = [ProgressLog(), Evaluation(), JsonlLog(run_dir / "log.jsonl", enabled=main)]
+    if t.tensorboard and main:
+        listeners.append(TensorBoard(run_dir / "tensorboard"))
+    listeners += [Checkpoints(), Curves(enabled=main), StopOnSignal()]
+    return listeners
+
+
+class ProgressLog(Listener):
+    def __init__(self) -> None:
+        self.bar: Progress | None = None
+
+    def on_fit_start(self, trainer: TrainerView) -> None:
+        if trainer.is_main:
+            log.info(
+                "training %s (%s) on %d images, %d steps per epoch, %d epochs, device %s, %d process(es)",
+                trainer.model.config.arch,
+                f"{trainer.model.num_parameters(trainable_only=True) / 1e6:.1f}M trainable parameters",
+                len(trainer.train_set),
+                trainer.steps_per_epoch,
+                trainer.config.train.epochs,
+                trainer.device,
+                dist.world_size(),
+            )
+
+    def on_epoch_start(self, trainer: TrainerView, epoch: int, steps: int) -> None:
+        t = trainer.config.train
+        self.bar = Progress(steps, desc=f"epoch {epoch + 1}/{t.epochs}", every=t.log_every, enabled=trainer.is_main)
+
+    def on_step_end(self, trainer: TrainerView, record: Record) -> None:
+        if self.bar is not None:
+            self.bar.update(1, {"loss": record["loss"], "lr": record["lr"], "img/s": record["images_per_s"]})
+
+    def on_epoch_end(self, trainer: TrainerView, record: Record) -> None:
+        self._close()
+
+    def on_stop(self, trainer: TrainerView) -> None:
+        self._close()
+
+    def on_close(self, trainer: TrainerView) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class Evaluation(Listener):
+    """Evaluates every ``train.eval_every`` epochs and after the last; keeps the best model in ``best/``."""
+
+    def on_epoch_end(self, trainer: TrainerView, record: Record) -> None:
+        t, epoch = trainer.config.train, record["epoch"]
+        due = (t.eval_every and epoch % t.eval_every == 0) or epoch == t.epochs
+        if trainer.val_set is None or not due:
+            return
+        metrics, _ = evaluate_model(
+            trainer.eval_model(),
+            trainer.val_set,
+            batch_size=t.batch_size,
+            device=trainer.device,
+            num_workers=trainer.config.data.num_workers,
+            amp=t.amp,
+        )
+        record.update({k: metrics[k] for k in COCO_METRIC_KEYS})
+        trainer.metrics = metrics
+        if not trainer.is_main:
+            return
+        write_metrics(metrics, trainer.run_dir / "metrics.json")
+        log.info("epoch %d: AP %.4f  AP50 %.4f  AP75 %.4f", epoch, metrics["AP"], metrics["AP50"], metrics["AP75"])
+        if metrics["AP"] > trainer.state.best_ap:
+            trainer.state.best_ap = metrics["AP"]
+            trainer.export("best")
+
+
+class JsonlLog(Listener):
+    def __init__(self, path: Path, *, enabled: bool) -> None:
+        self.path, self.enabled = path, enabled
+        self.file = None
+
+    def on_fit_start(self, trainer: TrainerView) -> None:
+        if self.enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(self.path, "a")  # noqa: SIM115 - closed in on_close()
+
+    def on_step_end(self, trainer: TrainerView, record: Record) -> None:
+        self._write(record)
+
+    def on_epoch_end(self, trainer: TrainerView, record: Record) -> None:
+        self._write(record)
+
+    def on_close(self, trainer: TrainerView) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+    def _write(self, record: Record) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+
+class TensorBoard(Listener):
+    STEP_KEYS = ("loss", "loss_ce", "loss_bbox", "loss_giou", "lr")
+
+    def __init__(self, directory: Path) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:
+            raise ValueError(
+                "train.tensorboard=true needs the tensorboard package: pip install 'detrkit[tensorboard]'"
+            ) from e
+        self.directory, self.writer_class, self.writer = directory, SummaryWriter, None
+
+    def on_fit_start(self, trainer: TrainerView) -> None:
+        self.writer = self.writer_class(str(self.directory))
+
+    def on_step_end(self, trainer: TrainerView, record: Record) -> None:
+        for k in self.STEP_KEYS:
+            if k in record:
+                self.writer.add_scalar(f"train/{k}", record[k], record["step"])
+
+    def on_epoch_end(self, trainer: TrainerView, record: Record) -> None:
+        for k, v in record.items():
+            if k not in ("type", "epoch", "step") and isinstance(v, (int, float)):
+                self.writer.add_scalar(f"epoch/{k}", v, record["epoch"])
+
+    def on_close(self, trainer: TrainerView) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+class Checkpoints(Listener):
+    """The run directory's ``config.yaml``, resumable checkpoints, and the final ``model/`` export."""
+
+    def on_fit_start(self, trainer: TrainerView) -> None:
+        if trainer.is_main:
+            trainer.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(trainer.run_dir / "config.yaml", trainer.config.to_yaml())
+
+    def on_step_end(self, trainer: TrainerView, record: Record) -> None:
+        every = trainer.config.train.checkpoint_every_steps
+        if every and record["step"] % every == 0:
+            trainer.save_checkpoint()
+
+    def on_epoch_end(self, trainer: TrainerView, record: Record) -> None:
+        trainer.save_checkpoint()
+
+    def on_stop(self, trainer: TrainerView) -> None:
+        trainer.save_checkpoint()
+
+    def on_complete(self, trainer: TrainerView) -> None:
+        trainer.export("model")
+
+
+class Curves(Listener):
+    def __init__(self, *, enabled: bool) -> None:
+        self.enabled = enabled
+
+    def on_complete(self, trainer: TrainerView) -> None:
+        if self.enabled:
+            from ..visualize import plot_curves
+
+            plot_curves(trainer.run_dir / "log.jsonl", trainer.run_dir / "curves.png")
+
+
+class StopOnSignal(Listener):
+    """SIGINT/SIGTERM ask the trainer to stop after the current step; a second one raises ``KeyboardInterrupt``.
+
+    The trainer agrees on the stop with the other processes (torchrun forwards signals, but they may land between
+    steps), so every process stops after the same step.
+    """
+
+    def __init__(self) -> None:
+        self.previous: dict[int, Any] = {}
+
+    def on_fit_start(self, trainer: TrainerView) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be installed from the main thread
+
+        def handler(signum, frame):  # noqa: ARG001
+            if trainer.stop_signal is not None:  # a second signal: stop now
+                raise KeyboardInterrupt
+            trainer.request_stop(signum)
+            if trainer.is_main:
+                log.warning("signal %d received: saving a checkpoint after this step (again to stop at once)", signum)
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, handler)
+
+    def on_stop(self, trainer: TrainerView) -> None:
+        if trainer.is_main:
+            log.warning(
+                "stopped by signal %s after step %d; resume with --resume auto",
+                trainer.stop_signal or "on another process",
+                trainer.state.global_step,
+            )
+
+    def on_close(self, trainer: TrainerView) -> None:
+        for sig, previous in self.previous.items():
+            signal.signal(sig, previous)
+        self.previous = {}
