@@ -2,6 +2,8 @@
 
 Public API: ``detrkit.build`` (a new model from a config), ``detrkit.load`` (saved or published weights) and the
 model's ``predict``.
+
+Layer: the package root (the public API); re-exports from every layer below the CLI.
 """
 
 from __future__ import annotations

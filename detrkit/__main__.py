@@ -1,3 +1,5 @@
+"""Layer: entry points (``python -m detrkit``); imports ``cli`` only."""
+
 import sys
 
 from .cli import main

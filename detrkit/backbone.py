@@ -6,6 +6,8 @@ Why the masking: a convolution at the border of an image sees zeros beyond it wh
 (non-zero) features of padded pixels when the image was padded to share a batch with a larger one. That makes an
 image's detections depend on its batch. Zeroing padded positions before every spatial convolution and pooling makes
 the padded computation equal to the unpadded one, position for position, at a cost of one multiply per block.
+
+Layer: building blocks. Imports torch and torchvision only.
 """
 
 from __future__ import annotations

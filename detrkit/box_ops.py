@@ -10,6 +10,8 @@ run) and nothing returns NaN or inf: widths and heights are clamped at 0, so a d
 and no overlap, and unions and enclosing areas are clamped at ``eps`` before dividing. ``torchvision.ops``
 computes areas without the clamp (negative for degenerate boxes) and divides without an eps, which is why
 these are written out here.
+
+Layer: building blocks. Imports torch only.
 """
 
 from __future__ import annotations

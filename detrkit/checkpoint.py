@@ -116,7 +116,8 @@ def init_from_weights(model_config: ModelConfig, weights: str) -> Detector:
         )
     if reinit:
         log.warning(
-            "fine-tuning from %s: the class head was re-initialised (%s): the weights have %d classes %s, the dataset has %d %s",
+            "fine-tuning from %s: the class head was re-initialised (%s): the weights have %d classes %s, "
+            "the dataset has %d %s",
             weights,
             ", ".join(reinit),
             source.config.num_classes,

@@ -1,4 +1,7 @@
-"""The ``detrkit`` command: train, eval, predict, convert, demo and doctor."""
+"""The ``detrkit`` command: train, eval, predict, convert, demo and doctor.
+
+Layer: entry points, the top. May import every other layer; nothing imports it (but ``__main__``).
+"""
 
 from __future__ import annotations
 

@@ -9,6 +9,8 @@ fundamentalvision/Deformable-DETR models/deformable_detr.py), used by Deformable
 
 Tensors: B batch, Q queries, K classes, C class logits (K+1 softmax with no-object last, or K focal), N_b
 targets of image b, M = Σ min(Q, N_b) matched pairs.
+
+Layer: building blocks. May import ``box_ops``, ``matcher`` and ``distributed``.
 """
 
 from __future__ import annotations

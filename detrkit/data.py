@@ -11,6 +11,8 @@ Target of one image, as returned by :class:`CocoDetection` (N objects kept, H×W
 - ``iscrowd`` (N,) int64 (all zero: crowd regions are not training objects); ``area`` (N,) float32, the
   annotation's ``area`` in original-image pixels
 - ``masks`` (N, H, W) bool, only with ``return_masks=True``
+
+Layer: building blocks. May import ``images``, ``labels`` and ``transforms``.
 """
 
 from __future__ import annotations

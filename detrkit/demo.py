@@ -2,6 +2,8 @@
 
 The dataset is written as ordinary image files and a COCO instances JSON, exactly like a user's data, and goes
 through the same code paths as any other dataset.
+
+Layer: entry points. May import every layer below the CLI (it drives the engine).
 """
 
 from __future__ import annotations

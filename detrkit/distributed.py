@@ -2,6 +2,8 @@
 
 Nothing here changes global state beyond what ``init_process_group`` itself does: no patched ``print``, no
 environment edits. Every helper is a no-op in a single process.
+
+Layer: building blocks. Imports torch only.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""Reading images of any common mode into RGB, and padding images into a batch."""
+"""Reading images of any common mode into RGB, and padding images into a batch.
+
+Layer: building blocks. Imports torch, torchvision and Pillow only.
+"""
 
 from __future__ import annotations
 

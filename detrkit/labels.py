@@ -3,6 +3,8 @@
 COCO numbers its 80 categories 1..90 with gaps; the model's class head wants 0..K-1. The mapping is read from the
 annotation file, saved in the model's ``config.json`` and used again by post-processing, so predictions come back in
 the dataset's own ids and names.
+
+Layer: building blocks. Imports nothing from detrkit.
 """
 
 from __future__ import annotations

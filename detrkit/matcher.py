@@ -15,6 +15,8 @@ queries of its own image: the queries are gathered per target, which computes ex
 one (T, Q) tensor, with a fixed number of tensor operations whatever B is (no Python loop over images on the
 device). The (T, Q) tensor goes to the CPU in one transfer; only ``scipy.optimize.linear_sum_assignment`` runs
 per image.
+
+Layer: building blocks. May import ``box_ops``.
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 
 The sine encoding (DETR, section 3.2 and appendix A.4) normalises positions by the extent of the *valid* region, so
 an image's encoding does not change with the padding its batch adds.
+
+Layer: building blocks. Imports torch only.
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ class) pairs over all Q·K sigmoid scores, so one query may give several detecti
 (official Deformable DETR ``PostProcess``).
 
 Tensors: B batch, Q queries, K classes, n detections kept for an image.
+
+Layer: building blocks. May import ``box_ops`` and ``labels``.
 """
 
 from __future__ import annotations

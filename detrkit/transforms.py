@@ -22,6 +22,8 @@ Differences from the official DETR transforms (``facebookresearch/detr``, ``data
   it with the image. Nothing in training reads it; evaluation reads areas from the annotation file.
 - Randomness comes from torch's generator (``torch.manual_seed``), as in every v2 transform, not from
   Python's ``random``.
+
+Layer: building blocks. Imports torch and torchvision only.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""Pictures for people: detections drawn on images, and the training curves."""
+"""Pictures for people: detections drawn on images, and the training curves.
+
+Layer: evaluation and pictures, above the models. May import the layers below it.
+"""
 
 from __future__ import annotations
 

@@ -3,6 +3,7 @@ import cycle exists anywhere, function-local imports included (grimp reads every
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -69,3 +70,14 @@ def test_declared_layers_hold():
     result = subprocess.run([str(exe)], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "1 kept, 0 broken" in result.stdout
+
+
+def test_every_module_names_its_layer():
+    """Each module's opening docstring says which layer it belongs to and what it may import."""
+    package = ROOT / "detrkit"
+    missing = [
+        str(path.relative_to(ROOT))
+        for path in sorted(package.rglob("*.py"))
+        if "Layer:" not in (ast.get_docstring(ast.parse(path.read_text())) or "")
+    ]
+    assert missing == []

@@ -18,6 +18,8 @@ official ``.pth`` (``{"model": state_dict, "args": Namespace}``)
 
 Only the first decoder layer has a cross-attention ``qpos`` projection (the others never use one), in both layouts.
 The class head is a sigmoid head: K outputs, no no-object class.
+
+Layer: io. May import config, the building blocks, ``models`` and ``convert.common`` / ``convert.detr``.
 """
 
 from __future__ import annotations

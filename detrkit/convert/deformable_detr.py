@@ -29,6 +29,8 @@ official fundamentalvision/Deformable-DETR ``.pth`` (``{"model": state_dict, "ar
     linear1,linear2,norm3}`` (``norm2`` follows the self-attention, ``norm1`` the cross-attention);
     ``class_embed.I``, ``bbox_embed.I.layers.M``, repeated as ``transformer.decoder.{bbox,class}_embed.I`` when
     the decoder uses them. Without box refinement every index holds the same (shared) head.
+
+Layer: io. May import config, the building blocks, ``models`` and ``convert.common``.
 """
 
 from __future__ import annotations

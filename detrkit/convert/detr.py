@@ -23,6 +23,8 @@ official facebookresearch/detr ``.pth`` (``{"model": state_dict, "args": Namespa
     ``transformer.{encoder,decoder}.layers.N.{self_attn,multihead_attn}.{in_proj_weight,in_proj_bias}`` (q, k
     and v packed in one tensor) and ``.out_proj``, ``linear1``, ``linear2``, ``norm1..3``;
     ``transformer.decoder.norm``, ``query_embed``, ``input_proj``, ``class_embed``, ``bbox_embed.layers.N``.
+
+Layer: io. May import config, the building blocks, ``models`` and ``convert.common``.
 """
 
 from __future__ import annotations

@@ -19,6 +19,8 @@ transformers ViT/DeiT (``vit.``/``deit.`` or no prefix): the same embeddings and
 timm / official DeiT ``.pth`` (``{"model": state_dict}``)
     ``cls_token``, ``pos_embed``, ``dist_token`` (distilled), ``patch_embed.proj``,
     ``blocks.N.{norm1, attn.qkv (q, k, v packed), attn.proj, norm2, mlp.fc1, mlp.fc2}``, ``norm``, ``head``.
+
+Layer: io. May import config, the building blocks, ``models`` and ``convert.common``.
 """
 
 from __future__ import annotations

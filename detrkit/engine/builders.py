@@ -2,7 +2,7 @@
 
 Each builder is a function of the config (and what it needs besides); none changes global state.
 
-Imports: config, the building blocks (criterion, matcher, data, transforms), models, and ``schedule``.
+Layer: engine. Imports: config, the building blocks (criterion, matcher, data, transforms), models, and ``schedule``.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ code is unpickled): ``format`` ("detrkit-train"), ``version``, ``config`` (the r
 fields), ``history`` (the epoch records so far) and ``rng`` (``state.capture_rng``). Weights-only exports for
 inference are ``checkpoint.save_pretrained``'s folders, not these.
 
-Imports: torch, config, ``checkpoint.atomic_write`` (io layer) and ``state``.
+Layer: engine. Imports: torch, config, ``checkpoint.atomic_write`` (io layer) and ``state``.
 """
 
 from __future__ import annotations

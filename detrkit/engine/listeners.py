@@ -14,8 +14,9 @@ the trainer is built. Files open in ``on_fit_start`` and close in ``on_close``, 
 
 Only rank 0 writes files; evaluation and signals run on every process.
 
-Imports: ``evaluation``, ``visualize``, ``checkpoint``, ``config``, ``data``, ``models``, ``distributed`` (all
-below the engine) and ``state``; never ``loop`` (the ``TrainerView`` protocol below says what a listener may use).
+Layer: engine. Imports: ``evaluation``, ``visualize``, ``checkpoint``, ``config``, ``data``, ``models``,
+``distributed`` (all below the engine) and ``state``; never ``loop`` (the ``TrainerView`` protocol below says
+what a listener may use).
 """
 
 from __future__ import annotations

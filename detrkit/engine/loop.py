@@ -14,7 +14,7 @@ initialisation and dropout draw from the run's own random stream, seeded from ``
 checkpoint (``state.py``); the learning rate is a function of the step (``schedule.py``). A run resumed from any
 checkpoint therefore continues exactly as the uninterrupted run would have.
 
-Imports: config, data, models, ``checkpoint`` (io) and the engine's other modules.
+Layer: engine. Imports: config, data, models, ``checkpoint`` (io) and the engine's other modules.
 """
 
 from __future__ import annotations

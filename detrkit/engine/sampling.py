@@ -4,7 +4,7 @@ The order of samples in epoch ``e`` is a permutation seeded by ``(seed, e)``, an
 seeded by ``(seed, e, index)`` in a forked RNG, so neither depends on how many steps ran before, and data loading
 never consumes the global random stream that dropout uses.
 
-Imports: torch, config and data.
+Layer: engine. Imports: torch, config and data.
 """
 
 from __future__ import annotations

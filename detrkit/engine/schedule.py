@@ -2,7 +2,7 @@
 
 There is no scheduler state: resuming at step ``s`` needs nothing but ``s``.
 
-Imports: config and models (for ``Detector.lr_scale``).
+Layer: engine. Imports: config and models (for ``Detector.lr_scale``).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ The trainer does not depend on these seeds for reproducibility: it runs on its o
 ``train.seed`` (``state.run_rng``). The global seeds make what the caller does around it (building a model to
 pass in, for instance) reproducible too.
 
-Imports: config, ``distributed`` and ``state``.
+Layer: engine. Imports: config, ``distributed`` and ``state``.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ NumPy), installs the run's states for the duration of a block and gives the call
 is reproducible without leaving global state behind. The states travel in checkpoints as plain lists and tensors
 (``capture_rng``), which ``torch.load(weights_only=True)`` reads.
 
-Imports: torch and NumPy only.
+Layer: engine. Imports: torch and NumPy only.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ other processes on whether every loss was finite, then unscales, clips, steps th
 scaler) and updates the EMA. It reads no config, keeps no state of its own, writes no file and logs nothing: the
 loop (``loop.py``) decides what a skipped update means, and listeners report it.
 
-Imports: torch, ``distributed``, ``data.Batch``, the matcher's error type, ``models.base.to_float`` and
+Layer: engine. Imports: torch, ``distributed``, ``data.Batch``, the matcher's error type, ``models.base.to_float`` and
 ``evaluation.amp_context``.
 """
 

@@ -12,6 +12,8 @@ a temporary file renamed into the cache (a process sees a finished library or no
 processes starting together (DDP ranks) wait for one build instead of all compiling. When no library can be had,
 the caller runs its reference and one ``KernelUnavailableWarning`` says why and how to fix it;
 ``DETRKIT_DISABLE_KERNELS=1`` chooses the reference without a warning.
+
+Layer: building blocks. Imports nothing from detrkit.
 """
 
 from __future__ import annotations

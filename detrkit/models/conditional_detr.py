@@ -10,6 +10,9 @@ criterion) is DETR's or shared.
 
 Legend: B batch, S = h·w encoder tokens, Q queries, K classes, D model width, nh heads, hd = D / nh,
 L decoder layers.
+
+Layer: models (one architecture). May import config, the building blocks and ``models`` base modules (``base``,
+``layers``, ``single_scale``, ``registry``), never a sibling architecture.
 """
 
 from __future__ import annotations

@@ -10,6 +10,8 @@ width, L levels, P sampling points per level and head.
 ``ms_deform_attn_reference`` is the plain PyTorch version (one ``grid_sample`` per level, exportable to ONNX);
 ``ms_deform_attn`` dispatches to a compiled CPU kernel (``detrkit/kernels/ms_deform_attn.cpp``) when it is applicable
 and to the reference otherwise; ``kernel_status()`` says which path runs and why.
+
+Layer: models (a shared layer, not an architecture). May import the building blocks (``kernels``).
 """
 
 from __future__ import annotations

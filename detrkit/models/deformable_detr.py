@@ -11,6 +11,9 @@ boxes and query positions). Classification is sigmoid/focal (``class_loss="focal
 
 Legend: B batch, H×W padded input, L feature levels, h_l×w_l the map of level l, S = Σ h_l·w_l encoder tokens,
 Q queries, K classes, D model width, N decoder layers, P sampling points per head and level.
+
+Layer: models (one architecture). May import config, the building blocks and ``models`` base modules (``base``,
+``layers``, ``deformable_attention``, ``registry``), never a sibling architecture.
 """
 
 from __future__ import annotations

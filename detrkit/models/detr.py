@@ -2,6 +2,9 @@
 
 Legend: B batch, H×W padded input, h×w the backbone's last feature map, S = h·w encoder tokens, Q object queries,
 K classes (the class head has K+1 outputs, the last is no-object), D model width, L decoder layers.
+
+Layer: models (one architecture). May import config, the building blocks and ``models`` base modules (``base``,
+``layers``, ``single_scale``, ``registry``), never a sibling architecture.
 """
 
 from __future__ import annotations

@@ -27,6 +27,9 @@ Padding (``vit_padding``):
 Boxes: in both modes ``pred_boxes`` are normalised to the unpadded image, the frame detrkit's targets use.
 Under ``"mask"`` the model sees that frame (to the last, partly padded, patch); under ``"ignore"`` it learns it
 from the training targets, as the official YOLOS (and so transformers' checkpoints) did.
+
+Layer: models (one architecture). May import config, the building blocks and ``models`` base modules (``base``,
+``layers``, ``registry``), never a sibling architecture.
 """
 
 from __future__ import annotations
