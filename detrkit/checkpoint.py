@@ -3,25 +3,35 @@ only.
 
 A detrkit model folder holds ``config.json`` (the ``ModelConfig``, label map included) and ``model.safetensors``
 (written by ``files.save_pretrained``). ``load`` also reads published checkpoints through ``convert/``: a
-``transformers`` folder or an official ``.pth``. ``build`` is ``models.build_model`` plus the backbone weights a
-config names; ``init_from_weights`` builds a model for fine-tuning from saved or published weights.
+``transformers`` folder or an official ``.pth``; and what ``detrkit train`` writes: a run folder (its final
+``model/``) and a training checkpoint (its EMA weights, else its trained ones). A file that is not what it should
+be (truncated, not JSON, weights that disagree with ``config.json``) is refused in a sentence naming it.
+``build`` is ``models.build_model`` plus the backbone weights a config names; ``init_from_weights`` builds a
+model for fine-tuning from saved or published weights.
 
 Layer: io. May import ``config``, the building blocks, ``models`` and ``convert``; never ``engine`` or ``cli``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
 from . import convert
-from .config import ModelConfig
-from .files import FORMAT, FORMAT_VERSION, atomic_write, atomic_write_text, save_pretrained
+from .config import ModelConfig, RunConfig
+from .convert.common import read_json_object, read_safetensors, torch_load_tensors
+from .files import (
+    FORMAT,
+    FORMAT_VERSION,
+    TRAIN_FORMAT,
+    TRAIN_FORMAT_VERSION,
+    atomic_write,
+    atomic_write_text,
+    save_pretrained,
+)
 from .models import Detector, build_model, fine_tuning_config
 
 log = logging.getLogger("detrkit")
@@ -53,23 +63,136 @@ def _looks_like_hub_id(name: str) -> bool:
 
 def _is_detrkit_folder(path: Path) -> bool:
     cfg = path / "config.json"
-    return cfg.is_file() and json.loads(cfg.read_text()).get("format") == FORMAT
+    return cfg.is_file() and read_json_object(cfg).get("format") == FORMAT
+
+
+def _is_run_folder(path: Path) -> bool:
+    """A ``detrkit train`` run folder (``model/``, ``best/``, ``checkpoints/``), not a model folder itself."""
+    if (path / "config.json").is_file():
+        return False
+    return any((path / name / "config.json").is_file() for name in ("model", "best")) or (
+        (path / "checkpoints").is_dir() and (path / "config.yaml").is_file()
+    )
+
+
+def _run_folder_model(run: Path) -> Path:
+    """The model of a run folder: its final ``model/`` (announced); refused, with what there is, before the run
+    completed (``best/`` is the best evaluation so far, a checkpoint the latest state: the user's choice)."""
+    if _is_detrkit_folder(run / "model"):
+        best = f"; {run / 'best'} holds the best-AP one" if (run / "best").is_dir() else ""
+        log.info("%s is a training run folder: loading its final model, %s%s", run, run / "model", best)
+        return run / "model"
+    found = [str(run / "best") + " (the best evaluation so far)"] if _is_detrkit_folder(run / "best") else []
+    checkpoints = sorted((run / "checkpoints").glob("step-*.pt"))
+    if checkpoints:
+        found.append(f"{checkpoints[-1]} (the latest training checkpoint)")
+    raise ValueError(
+        f"{run} is a training run folder without model/ (training has not completed)"
+        + (f": load one of {', '.join(found)}" if found else ", and it holds no best/ or checkpoint to load")
+    )
+
+
+def _model_config(d: Any, source: str) -> ModelConfig:
+    """A ``ModelConfig`` from a saved mapping, every field's type checked, errors naming ``source``."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{source} has no model config (a 'model' object of ModelConfig fields)")
+    try:
+        return RunConfig.from_dict({"model": d}).model  # RunConfig checks and converts every field's type
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{source}: invalid model config: {e}") from e
+
+
+def _read_detrkit_folder(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    cfg = folder / "config.json"
+    meta = read_json_object(cfg)
+    version = meta.get("format_version", 1)
+    if not isinstance(version, int):
+        raise ValueError(f"{cfg}: format_version must be an integer, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise ValueError(f"{folder} was written by a newer detrkit (format {version}); upgrade detrkit")
+    config = _model_config(meta.get("model"), str(cfg))
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{folder} has a detrkit config.json but no model.safetensors")
+    return config, read_safetensors(weights)
+
+
+def _read_training_checkpoint(obj: dict[str, Any], path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """A training checkpoint's model config and weights: the EMA's average when the run kept one (it is what the
+    run evaluated and exported), else the trained weights."""
+    version = obj.get("version")
+    if not isinstance(version, int) or version > TRAIN_FORMAT_VERSION:
+        raise ValueError(
+            f"{path} is a training checkpoint of version {version!r}; this detrkit reads up to "
+            f"{TRAIN_FORMAT_VERSION}: upgrade detrkit"
+        )
+    run_config = obj.get("config")
+    config = _model_config(run_config.get("model") if isinstance(run_config, dict) else None, str(path))
+    ema = obj.get("ema")
+    if isinstance(ema, dict) and ema:
+        state, which = {k.removeprefix("module."): v for k, v in ema.items() if k.startswith("module.")}, "EMA"
+    else:
+        state, which = obj.get("model"), "trained"
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} is a damaged training checkpoint: its {which} weights are not a dict of tensors")
+    step = obj.get("state", {}).get("global_step") if isinstance(obj.get("state"), dict) else None
+    log.info("%s is a training checkpoint (step %s): loading its %s weights", path, step, which)
+    return config, state
+
+
+def _check_fits(model: Detector, state: dict[str, torch.Tensor], path: Path) -> None:
+    """One sentence naming the weights and the config that disagree, with the first few keys and both shapes."""
+    expected = model.state_dict()
+    wrong = [
+        f"{k} {tuple(state[k].shape)} in the weights, {tuple(v.shape)} in the config"
+        for k, v in expected.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if not (wrong or missing or unexpected):
+        return
+    parts = []
+    if wrong:
+        parts.append(f"{len(wrong)} shapes differ ({_first(wrong)})")
+    if missing:
+        parts.append(f"{len(missing)} keys of the model are missing from the weights ({_first(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} keys of the weights are not in the model ({_first(unexpected)})")
+    source = f"{path / 'model.safetensors'} and {path / 'config.json'}" if path.is_dir() else f"the weights in {path}"
+    raise ValueError(
+        f"{source} do not describe the same model: " + "; ".join(parts) + ". Were the files of two models mixed, "
+        "or config.json edited?"
+    )
+
+
+def _first(items: list[str], n: int = 3) -> str:
+    return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
 
 
 def load(path: str | Path, *, map_location: str | torch.device = "cpu", **overrides: Any) -> Detector:
     """Load a detector from a detrkit folder, a ``transformers`` folder, an official ``.pth`` or a Hub id.
 
+    Also a ``detrkit train`` run folder (its final ``model/``, announced) and a training checkpoint
+    (``checkpoints/step-*.pt``: the EMA weights when the run kept an EMA, else the trained ones).
     ``overrides`` replace fields of the loaded ``ModelConfig`` (for instance ``mask_backbone_padding=True``).
     """
     p = Path(path)
+    if p.is_dir() and _is_run_folder(p):
+        p = _run_folder_model(p)
+    if p.is_file() and p.name == "model.safetensors" and _is_detrkit_folder(p.parent):
+        log.info("%s is the weights file of a detrkit model folder: loading the folder %s", p, p.parent)
+        p = p.parent
     if p.is_dir() and _is_detrkit_folder(p):
-        meta = json.loads((p / "config.json").read_text())
-        if meta.get("format_version", 1) > FORMAT_VERSION:
-            raise ValueError(f"{p} was written by a newer detrkit (format {meta['format_version']}); upgrade detrkit")
-        config = ModelConfig.from_dict(meta["model"])
-        state = load_file(str(p / "model.safetensors"))
-    elif p.is_dir() or p.is_file():
+        config, state = _read_detrkit_folder(p)
+    elif p.is_dir() or (p.is_file() and p.suffix == ".safetensors"):
         config, state = convert.load_published(p)
+    elif p.is_file():
+        obj = torch_load_tensors(p)
+        if isinstance(obj, dict) and obj.get("format") == TRAIN_FORMAT:
+            config, state = _read_training_checkpoint(obj, p)
+        else:
+            config, state = convert.convert_file_object(obj, p)
     elif _looks_like_hub_id(str(path)):
         repo_id, _, revision = str(path).partition("@")
         config, state = convert.load_published(convert.resolve_hub_id(repo_id, revision or None))
@@ -84,12 +207,8 @@ def load(path: str | Path, *, map_location: str | torch.device = "cpu", **overri
     # nothing, and fail when they are not at hand; the config keeps its record of them
     model = build_model(config.replace(backbone_weights=None))
     model.config = config
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            f"weights in {path} do not fit the model: missing {sorted(missing)[:10]}{'…' if len(missing) > 10 else ''}"
-            f", unexpected {sorted(unexpected)[:10]}{'…' if len(unexpected) > 10 else ''}"
-        )
+    _check_fits(model, state, p)
+    model.load_state_dict(state)
     return model.to(map_location).eval()
 
 

@@ -25,7 +25,11 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 
 def _setup_logging() -> None:
+    # main() may run more than once in a process (tests, notebooks): one handler, on the current stderr
+    for old in [h for h in log.handlers if getattr(h, "_detrkit_cli", False)]:
+        log.removeHandler(old)
     handler = logging.StreamHandler(sys.stderr)
+    handler._detrkit_cli = True  # type: ignore[attr-defined]
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname).1s %(message)s", datefmt="%H:%M:%S"))
     log.addHandler(handler)
     # Under torchrun only rank 0 speaks (RANK is set before the process group exists).
@@ -42,7 +46,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     check_config(config.model)  # the architecture's own checks, before any data is read
     device = setup_run(config.train)
     try:
-        metrics = Trainer(config, device=device, resume=args.resume).fit()
+        metrics = Trainer(config, device=device, resume=args.resume, overwrite=args.overwrite).fit()
     except TrainingDiverged as e:
         raise CliError(str(e)) from e
     if metrics:
@@ -59,13 +63,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         if not args.weights or not args.images:
             raise CliError("detrkit eval: give --results FILE, or --weights W and --images DIR")
-        import torch
-
         from .checkpoint import load
         from .data import CocoDetection
         from .transforms import eval_transforms
 
-        device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        device = _device(args)
         model = _optimized(load(args.weights, map_location=device), args)
         size = args.size or model.config.image_size
         max_size = args.max_size or model.config.max_size
@@ -87,33 +89,41 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    import torch
-
     from .checkpoint import load
     from .visualize import draw_detections, save_image
 
-    paths: list[Path] = []
+    paths: list[Path] = []  # as given: a folder's images are the folder's path joined with their names
     for item in args.inputs:
         p = Path(item)
         if p.is_dir():
-            paths += sorted(x for x in p.iterdir() if x.suffix.lower() in IMAGE_SUFFIXES)
+            paths += sorted(
+                Path(item, x.name) for x in p.iterdir() if x.suffix.lower() in IMAGE_SUFFIXES and x.is_file()
+            )
         elif p.is_file():
             paths.append(p)
         else:
             raise CliError(f"detrkit predict: no such image or folder: {p}")
     if not paths:
         raise CliError(f"detrkit predict: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {', '.join(args.inputs)}")
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    model = _optimized(load(args.weights, map_location=device), args)
+    paths = _distinct_inputs(paths)
     out = Path(args.out)
+    inside = [p for p in paths if p.resolve().parent == out.resolve()]
+    if inside:
+        raise CliError(
+            f"detrkit predict: --out {out} holds input images ({inside[0]}...): the drawings would overwrite them; "
+            "choose another --out"
+        )
+    device = _device(args)
+    model = _optimized(load(args.weights, map_location=device), args)
     out.mkdir(parents=True, exist_ok=True)
     records = []
+    names = dict(zip(paths, _drawing_names(paths), strict=True))
     for start in range(0, len(paths), args.batch_size):
         chunk = paths[start : start + args.batch_size]
         dets = model.predict(chunk, threshold=args.threshold, size=args.size, max_size=args.max_size)
         for path, det in zip(chunk, dets, strict=True):
-            save_image(draw_detections(path, det), out / f"{path.stem}.jpg")
-            records.append({"image": str(path), "detections": det.to_list()})
+            save_image(draw_detections(path, det), out / names[path])
+            records.append({"image": str(path), "drawn": names[path], "detections": det.to_list()})
             print(
                 f"{path}: {len(det)} detection(s)"
                 + "".join(f"\n  {d['name']} {d['score']:.2f} {d['box']}" for d in det.to_list()[:10])
@@ -121,6 +131,64 @@ def cmd_predict(args: argparse.Namespace) -> int:
     (out / "detections.json").write_text(json.dumps(records, indent=1))
     print(f"wrote {out / 'detections.json'} and {len(paths)} image(s) with boxes drawn to {out}")
     return 0
+
+
+def _distinct_inputs(paths: list[Path]) -> list[Path]:
+    """``paths`` without repeats of one file (given twice, or as a file and within its folder), announced."""
+    seen: dict[Path, Path] = {}
+    for path in paths:
+        first = seen.setdefault(path.resolve(), path)
+        if first is not path:
+            log.warning("detrkit predict: %s is %s, given already: predicted once", path, first)
+    return list(seen.values())
+
+
+def _drawing_names(paths: list[Path]) -> list[str]:
+    """A distinct file name in --out for each input's drawing: the input's name, in its format (PNG and JPEG kept,
+    other formats written as PNG), with -1, -2, ... after the stem when two inputs share a name."""
+    used: set[str] = set()
+    names = []
+    for path in paths:
+        suffix = path.suffix.lower() if path.suffix.lower() in (".png", ".jpg", ".jpeg") else ".png"
+        name, n = f"{path.stem}{suffix}", 0
+        while name.lower() in used:  # lower case: file systems that ignore case would still overwrite
+            n += 1
+            name = f"{path.stem}-{n}{suffix}"
+        used.add(name.lower())
+        names.append(name)
+    return names
+
+
+def _device(args: argparse.Namespace):
+    """``--device`` as a device this machine has (``auto``: a GPU when there is one)."""
+    from .distributed import resolve_device
+
+    try:
+        return resolve_device(args.device)
+    except ValueError as e:
+        raise CliError(f"--device {args.device}: {e}") from e
+
+
+def _positive_int(text: str) -> int:
+    """An argparse type: an integer ≥ 1 (argparse names the option in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number ≥ 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be ≥ 1, got {value}")
+    return value
+
+
+def _probability(text: str) -> float:
+    """An argparse type: a number in [0, 1] (NaN refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:  # False for NaN too
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text}")
+    return value
 
 
 def _optimized(model, args: argparse.Namespace):
@@ -146,6 +214,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
+    if args.config or args.images or args.annotations:
+        return _doctor_data(args)
     import platform
 
     import torch
@@ -184,6 +254,46 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0
 
 
+def _doctor_data(args: argparse.Namespace) -> int:
+    """``detrkit doctor`` on a dataset: a report per split; exit status 1 when any split has errors."""
+    from .doctor import check_dataset
+
+    if args.num_queries is not None and args.num_queries < 1:
+        raise CliError(f"detrkit doctor: --num-queries must be at least 1, got {args.num_queries}")
+    if args.config:
+        if args.images or args.annotations:
+            raise CliError("detrkit doctor: give a CONFIG, or --images and --annotations, not both")
+        from .config import load_run_config
+
+        config = load_run_config(args.config, args.overrides)
+        d = config.data
+        splits = [("train", d.train_images, d.train_annotations)]
+        if d.val_annotations:
+            splits.append(("val", d.val_images, d.val_annotations))
+        for split, images, annotations in splits:
+            if not images or not annotations:
+                raise CliError(f"detrkit doctor: data.{split}_images and data.{split}_annotations must be set")
+        num_queries = args.num_queries or config.model.num_queries
+        resize = {"image_size": d.eval_size, "max_size": d.eval_max_size}
+    else:
+        if not (args.images and args.annotations):
+            raise CliError("detrkit doctor: give both --images DIR and --annotations FILE (or a CONFIG)")
+        if args.overrides:
+            raise CliError(f"detrkit doctor: overrides {args.overrides} need a CONFIG")
+        splits, num_queries, resize = [("", args.images, args.annotations)], args.num_queries, {}
+    failed = False
+    for split, images, annotations in splits:
+        report = check_dataset(images, annotations, num_queries=num_queries, **resize)
+        print((f"[{split}]\n" if split else "") + report.format())
+        if args.plot:
+            plot = Path(args.plot)
+            if len(splits) > 1:
+                plot = plot.with_name(f"{plot.stem}_{split}{plot.suffix}")
+            print(f"wrote {report.plot(plot)}")
+        failed |= not report.ok
+    return 1 if failed else 0
+
+
 def _metrics_table(metrics: dict[str, float]) -> str:
     keys = list(metrics)
     return " ".join(f"{k:>6}" for k in keys) + "\n" + " ".join(f"{metrics[k]:6.3f}" for k in keys)
@@ -204,7 +314,8 @@ def _config_reference() -> str:
     ) + (
         "\n\nmodel.num_classes and the category ids and names come from the training annotations.\n"
         "The run directory (train.output_dir) receives config.yaml, log.jsonl, checkpoints/, best/, model/, "
-        "metrics.json and curves.png."
+        "metrics.json and curves.png. A run directory that already holds a run is refused: continue it with "
+        "--resume auto, or replace it with --overwrite."
     )
 
 
@@ -232,6 +343,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH|auto",
         help="resume from a training checkpoint, or 'auto' for the latest in the run directory (if any)",
     )
+    t.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run already in the run directory: its log.jsonl, checkpoints/, best/, model/, "
+        "metrics.json, curves.png and tensorboard/ are removed first (without this or --resume, a run directory "
+        "that holds a run is refused)",
+    )
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser(
@@ -246,9 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--images", help="image folder of the annotation file")
     e.add_argument("--results", help="a COCO results JSON to evaluate instead of running a model")
     e.add_argument("--out", default="eval", help="output folder (default: eval)")
-    e.add_argument("--batch-size", type=int, default=2, help="images per forward pass (default: 2)")
-    e.add_argument("--size", type=int, help="shorter image side (default: the model's)")
-    e.add_argument("--max-size", type=int, help="longer image side cap (default: the model's)")
+    e.add_argument("--batch-size", type=_positive_int, default=2, help="images per forward pass (default: 2)")
+    e.add_argument("--size", type=_positive_int, help="shorter image side (default: the model's)")
+    e.add_argument("--max-size", type=_positive_int, help="longer image side cap (default: the model's)")
     e.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     e.add_argument(
         "--fast",
@@ -261,16 +379,18 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser(
         "predict",
         help="detect objects in images; write JSON and pictures with boxes",
-        description="Run --weights on images or folders of images. Writes OUT/detections.json and each image "
-        "with its boxes drawn to OUT/.",
+        description="Run --weights on images or folders of images. Writes OUT/detections.json (one record per "
+        "input: its path as given, the drawing's file name, the detections) and each image with its boxes drawn "
+        "to OUT/, under its own name and format (PNG and JPEG kept, other formats as PNG; -1, -2, ... added when "
+        "inputs share a name).",
     )
     pr.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
     pr.add_argument("--weights", required=True, help="detrkit folder, transformers folder, official .pth or Hub id")
     pr.add_argument("--out", default="predictions", help="output folder (default: predictions)")
-    pr.add_argument("--threshold", type=float, default=0.5, help="minimum score (default: 0.5)")
-    pr.add_argument("--size", type=int, help="shorter image side (default: the model's)")
-    pr.add_argument("--max-size", type=int, help="longer image side cap (default: the model's)")
-    pr.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default: 4)")
+    pr.add_argument("--threshold", type=_probability, default=0.5, help="minimum score, in [0, 1] (default: 0.5)")
+    pr.add_argument("--size", type=_positive_int, help="shorter image side (default: the model's)")
+    pr.add_argument("--max-size", type=_positive_int, help="longer image side cap (default: the model's)")
+    pr.add_argument("--batch-size", type=_positive_int, default=4, help="images per forward pass (default: 4)")
     pr.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     pr.add_argument(
         "--fast",
@@ -303,11 +423,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     dr = sub.add_parser(
         "doctor",
-        help="print versions, the CPU, CUDA and which deformable-attention path runs (and why)",
-        description="Print detrkit, python, torch and torchvision versions, the CPU (model, torch's capability, "
-        "native bf16), CUDA, and whether the compiled deformable-attention CPU kernel or the PyTorch reference "
-        "runs, with the reason (builds the kernel if it is not cached yet).",
+        help="check the environment, or a dataset (--images/--annotations, or a config's splits)",
+        description="Without arguments: print detrkit, python, torch and torchvision versions, the CPU (model, "
+        "torch's capability, native bf16), CUDA, and whether the compiled deformable-attention CPU kernel or the "
+        "PyTorch reference runs, with the reason (builds the kernel if it is not cached yet). With --images and "
+        "--annotations, or a CONFIG (its train and val splits, with the model's num_queries): check every "
+        "annotation and image header and print the problems (errors, fix-ups, warnings) and the dataset's "
+        "statistics; exit status 1 when there are errors.",
     )
+    dr.add_argument("config", nargs="?", help="YAML config file or preset name whose data to check")
+    dr.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. data.train_images=x")
+    dr.add_argument("--images", help="image folder of the annotation file")
+    dr.add_argument("--annotations", help="COCO instances JSON to check")
+    dr.add_argument("--num-queries", type=int, help="the model's queries: images with more objects are reported")
+    dr.add_argument("--plot", metavar="PNG", help="also write a class and box-size histogram to this file")
     dr.set_defaults(func=cmd_doctor)
     return p
 

@@ -9,6 +9,7 @@ its own options and checks) is declared in its model file (``detrkit.models.regi
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -17,6 +18,42 @@ from typing import Any
 
 # Old names of ModelConfig fields, still read from config.json files and overrides written before the rename.
 RENAMED_MODEL_FIELDS = {"nheads": "num_heads", "dim_feedforward": "ffn_dim"}
+
+
+def _check_finite(config: Any, section: str) -> None:
+    """Refuse NaN and ±inf in every number of ``config`` (a NaN learning rate trains a model full of NaN)."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        named = value.items() if isinstance(value, dict) else [(None, value)]  # model.options: name the option
+        for key, v in named:
+            items = v if isinstance(v, (tuple, list)) else (v,)
+            if any(isinstance(x, float) and not math.isfinite(x) for x in items):
+                raise ValueError(
+                    f"{section}.{f.name}{'' if key is None else f'.{key}'} must be a finite number, got {v}"
+                )
+
+
+def _check_range(
+    config: Any,
+    section: str,
+    name: str,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
+    """Refuse a field (or any item of a tuple field) outside ``[low, high]`` (open ends where asked)."""
+    value = getattr(config, name)
+    for v in value if isinstance(value, tuple) else (value,):
+        below = low is not None and (v <= low if low_open else v < low)
+        above = high is not None and (v >= high if high_open else v > high)
+        if below or above:
+            if high is None:
+                bound = f"{'>' if low_open else '≥'} {low:g}"
+            else:
+                bound = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+            raise ValueError(f"{section}.{name} must be {bound}, got {value}")
 
 
 @dataclass(frozen=True)
@@ -82,9 +119,17 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.options, dict):
             raise ValueError(f"options must be a mapping, got {self.options!r}")
+        _check_finite(self, "model")
         if len(self.pretrain_image_size) != 2:
             raise ValueError(f"pretrain_image_size must be (h, w), got {self.pretrain_image_size}")
         object.__setattr__(self, "pretrain_image_size", tuple(int(v) for v in self.pretrain_image_size))
+        _check_range(self, "model", "pretrain_image_size", low=1)
+        _check_range(self, "model", "hidden_dim", low=1)
+        _check_range(self, "model", "ffn_dim", low=1)
+        _check_range(self, "model", "trainable_stages", low=0, high=5)
+        _check_range(self, "model", "position_temperature", low=0, low_open=True)
+        for name in ("dropout", "attention_dropout", "activation_dropout"):
+            _check_range(self, "model", name, low=0, high=1, high_open=True)
         for name in ("num_feature_levels", "enc_points", "dec_points", "patch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
@@ -155,6 +200,13 @@ class LossConfig:
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
 
+    def __post_init__(self) -> None:
+        _check_finite(self, "loss")
+        for name in ("cost_class", "cost_bbox", "cost_giou", "weight_ce", "weight_bbox", "weight_giou", "focal_gamma"):
+            _check_range(self, "loss", name, low=0)
+        _check_range(self, "loss", "eos_coef", low=0, high=1, low_open=True)
+        _check_range(self, "loss", "focal_alpha", low=0, high=1)
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -174,8 +226,11 @@ class DataConfig:
     num_workers: int = 2
 
     def __post_init__(self) -> None:
+        _check_finite(self, "data")
         if not self.train_scales:
             raise ValueError("data.train_scales must list at least one size")
+        for name in ("train_scales", "train_max_size", "crop_resize", "crop_size", "eval_size", "eval_max_size"):
+            _check_range(self, "data", name, low=1)
         if len(self.crop_size) != 2 or self.crop_size[0] > self.crop_size[1]:
             raise ValueError(f"data.crop_size must be (min, max) with min ≤ max, got {self.crop_size}")
         if self.num_workers < 0:
@@ -215,6 +270,9 @@ class TrainConfig:
     max_steps_per_epoch: int = 0  # 0: the whole dataset; >0 caps each epoch (smoke tests, quick looks)
 
     def __post_init__(self) -> None:
+        _check_finite(self, "train")
+        if not self.output_dir:
+            raise ValueError("train.output_dir must name the run folder, got an empty value")
         if self.schedule not in ("step", "cosine"):
             raise ValueError(f"train.schedule must be 'step' or 'cosine', got {self.schedule!r}")
         if self.amp not in ("none", "bf16", "fp16"):
@@ -231,6 +289,20 @@ class TrainConfig:
                 raise ValueError(f"train.{name} must be ≥ 1, got {getattr(self, name)}")
         if not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"train.ema_decay must be in (0, 1), got {self.ema_decay}")
+        _check_range(self, "train", "lr", low=0, low_open=True)
+        _check_range(self, "train", "lr_drop_factor", low=0, low_open=True)
+        for name in (
+            "lr_backbone",
+            "weight_decay",
+            "clip_max_norm",
+            "lr_drop_epochs",
+            "warmup_steps",
+            "eval_every",
+            "checkpoint_every_steps",
+            "max_steps_per_epoch",
+        ):
+            _check_range(self, "train", name, low=0)
+        _check_range(self, "train", "min_lr_ratio", low=0, high=1)
 
 
 @dataclass(frozen=True)
@@ -269,8 +341,12 @@ class RunConfig:
             parts = key.strip().split(".")
             if len(parts) == 2 and parts[0] == "model":
                 parts[1] = RENAMED_MODEL_FIELDS.get(parts[1], parts[1])
+            try:
+                value = yaml.safe_load(raw)
+            except yaml.YAMLError as e:
+                raise ValueError(f"override {item!r}: the value is not valid YAML ({_first_line(e)})") from e
             if len(parts) == 3 and parts[:2] == ["model", "options"]:  # an architecture's own option: any key
-                d["model"]["options"][parts[2]] = yaml.safe_load(raw)
+                d["model"]["options"][parts[2]] = value
                 continue
             node = d
             for part in parts[:-1]:
@@ -279,7 +355,7 @@ class RunConfig:
                 node = node[part]
             if not isinstance(node, dict) or parts[-1] not in node:
                 raise ValueError(f"unknown config key {key!r}")
-            node[parts[-1]] = yaml.safe_load(raw)
+            node[parts[-1]] = value
         return RunConfig.from_dict(d)
 
 
@@ -308,7 +384,12 @@ def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Run
             names = ", ".join(sorted(x.stem for x in PRESETS_DIR.glob("*.yaml")))
             raise FileNotFoundError(f"no config file {path} and no preset of that name (presets: {names})")
         p = preset
-    raw = yaml.safe_load(p.read_text()) or {}
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{p}: not a text file, so not a YAML run config ({e.reason} at byte {e.start})") from e
+    except yaml.YAMLError as e:
+        raise ValueError(f"{p}: not valid YAML: {_first_line(e)}") from e
     if not isinstance(raw, dict):
         raise ValueError(f"{p}: a run config must be a mapping with sections model, data, loss, train")
     try:
@@ -319,6 +400,13 @@ def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Run
 
 
 PRESETS_DIR = Path(__file__).parent / "configs"
+
+
+def _first_line(e: Exception) -> str:
+    """A YAML error in one line: what went wrong and where (PyYAML spreads it over several, with a caret)."""
+    mark = getattr(e, "problem_mark", None)
+    what = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return f"{what} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else what
 
 
 def _to_plain(x: Any) -> Any:
@@ -370,6 +458,8 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             raise ValueError(f"{where} must be true or false, got {value!r}")
         return value
     if tp is int:
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{where} must be an integer, got {value!r}")
         if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
             raise ValueError(f"{where} must be an integer, got {value!r}")
         return int(value)

@@ -1,7 +1,13 @@
 """COCO-format detection data: the dataset, its targets and the batch collation.
 
 The annotation file is read with plain ``json`` and validated once, up front, so a malformed file fails when
-the dataset is built (naming the file and the offending entry) rather than halfway through an epoch.
+the dataset is built rather than halfway through an epoch. Every entry is checked and every problem reported at
+once (:class:`Issues`): what cannot be used is refused with a :class:`CocoFormatError` naming the file, the entry
+(image id, annotation id, ``file_name``) and the field, e.g. duplicate image or annotation ids, unknown image or
+category ids, a bbox that is not 4 finite numbers, a ``file_name`` leaving the image folder. Boxes that can be
+repaired are, and the repair is announced in one warning per dataset with counts and examples (:func:`fix_boxes`):
+boxes of zero or negative width/height or lying outside the image are dropped, boxes reaching past the border are
+clipped. Image pixels are read in the stored grid, EXIF orientation ignored (see :mod:`detrkit.images`).
 
 Target of one image, as returned by :class:`CocoDetection` (N objects kept, H×W the image after transforms):
 
@@ -17,10 +23,13 @@ Layer: building blocks. May import ``images``, ``labels`` and ``transforms``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,15 +40,12 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
-from detrkit.images import pad_batch, read_rgb
+from detrkit.images import pad_batch, read_header, read_rgb
 from detrkit.labels import LabelMap
 from detrkit.transforms import boxes_to_normalized_cxcywh
 
 Sample = tuple[torch.Tensor, dict[str, Any]]
-
-
-class CocoFormatError(ValueError):
-    """The annotation file is not valid COCO instances JSON; the message names the file and the entry."""
+log = logging.getLogger("detrkit")
 
 
 def _is_number(v: Any) -> bool:
@@ -79,6 +85,323 @@ def _decode_segmentation(segmentation: Any, height: int, width: int, where: str)
     return np.ascontiguousarray(mask_utils.decode(rle), dtype=np.uint8)
 
 
+class CocoFormatError(ValueError):
+    """The annotation file is not valid COCO instances JSON; the message names the file and the entry."""
+
+
+# Boxes reaching less than this many pixels past the image border are clipped without a word: exporters round.
+CLIP_TOLERANCE = 1.0
+MAX_EXAMPLES = 3  # examples quoted per kind of problem
+
+
+@dataclass
+class Issue:
+    """One kind of problem in a dataset: how many entries have it, the first few, and what was done or to do.
+
+    ``severity`` is ``"error"`` (the dataset is refused), ``"fix-up"`` (done, and announced) or ``"warning"``.
+    """
+
+    severity: str
+    kind: str
+    hint: str = ""
+    count: int = 0
+    examples: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """The kind, the count and the examples."""
+        shown = "; ".join(self.examples)
+        if self.count > len(self.examples):
+            shown += f"; and {self.count - len(self.examples)} more"
+        return f"{self.kind} ({self.count}): {shown}"
+
+    def format(self) -> str:
+        return self.summary() + (f". {self.hint}" if self.hint else "")
+
+
+class Issues:
+    """The problems found in one dataset, grouped by kind in the order first seen."""
+
+    def __init__(self, source: str | Path) -> None:
+        self.source = str(source)
+        self._by_kind: dict[str, Issue] = {}
+
+    def add(self, severity: str, kind: str, example: str, hint: str = "") -> None:
+        issue = self._by_kind.setdefault(kind, Issue(severity, kind, hint))
+        issue.count += 1
+        if len(issue.examples) < MAX_EXAMPLES:
+            issue.examples.append(example)
+
+    def copy(self) -> Issues:
+        new = Issues(self.source)
+        for kind, issue in self._by_kind.items():
+            new._by_kind[kind] = dataclasses.replace(issue, examples=list(issue.examples))
+        return new
+
+    def __iter__(self) -> Iterator[Issue]:
+        return iter(self._by_kind.values())
+
+    def of(self, severity: str) -> list[Issue]:
+        return [i for i in self if i.severity == severity]
+
+    def count(self, kind: str) -> int:
+        issue = self._by_kind.get(kind)
+        return issue.count if issue else 0
+
+    def message(self, severity: str) -> str:
+        """One line per kind of ``severity``, each starting with the file's name."""
+        return "\n".join(f"{self.source}: {issue.format()}" for issue in self.of(severity))
+
+    def raise_errors(self) -> None:
+        """Raise a :class:`CocoFormatError` listing every error found, if any."""
+        if self.of("error"):
+            raise CocoFormatError(self.message("error"))
+
+    def announce(self) -> None:
+        """Log the fix-ups as one warning (the total, then each kind with its count and examples)."""
+        fixups = self.of("fix-up")
+        if fixups:
+            total = sum(i.count for i in fixups)
+            lines = "\n  ".join(i.format() for i in fixups)
+            log.warning("%s: %d annotation(s) fixed up:\n  %s", self.source, total, lines)
+
+
+# Kinds of fix-ups (the keys of Issues, reported by `detrkit doctor` too).
+DROPPED_EMPTY = "dropped: zero or negative width/height"
+DROPPED_OUTSIDE = "dropped: lies outside the image"
+CLIPPED = "clipped to the image"
+
+
+def _annotation_where(ann: dict[str, Any], index: int | None, image: dict[str, Any] | None = None) -> str:
+    """How an annotation is named in messages: its id, else its position (or just "an annotation without id")."""
+    if "id" in ann:
+        name = f"annotation {ann['id']}"
+    else:
+        name = f"annotations[{index}] (no id)" if index is not None else "an annotation without id"
+    if image is not None:
+        name += f" of image {image['id']} ({image.get('file_name')!r})"
+    return name
+
+
+def _inside(image_dir: Path, file_name: str) -> bool:
+    """Whether ``image_dir / file_name`` stays inside ``image_dir``, lexically (a symlink inside is fine)."""
+    root = os.path.abspath(image_dir)
+    target = os.path.abspath(os.path.join(root, file_name))
+    return target != root and os.path.commonpath([root, target]) == root
+
+
+def load_coco_json(ann_file: str | Path) -> dict[str, Any]:
+    """Read a COCO instances file and check its top-level structure and its categories (which everything else
+    depends on); raises ``FileNotFoundError`` or :class:`CocoFormatError` naming the file."""
+    f = Path(ann_file)
+    try:
+        with open(f, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"annotation file not found: {f}") from None
+    except IsADirectoryError:
+        raise CocoFormatError(f"{f}: is a folder, not a COCO JSON file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CocoFormatError(f"{f}: not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise CocoFormatError(f"{f}: expected a JSON object at the top level, got {type(data).__name__}")
+    for key in ("images", "categories"):
+        if key not in data:
+            raise CocoFormatError(
+                f"{f}: missing key {key!r} (a COCO instances file has images, categories and annotations)"
+            )
+        if not isinstance(data[key], list):
+            raise CocoFormatError(f"{f}: {key!r} must be a list, got {type(data[key]).__name__}")
+    if not isinstance(data.get("annotations", []), list):
+        raise CocoFormatError(f"{f}: 'annotations' must be a list, got {type(data['annotations']).__name__}")
+    if not data["categories"]:
+        raise CocoFormatError(f"{f}: 'categories' is empty; the number of classes comes from it")
+    category_ids: set[int] = set()
+    for i, cat in enumerate(data["categories"]):
+        if not isinstance(cat, dict) or not _is_int(cat.get("id")):
+            raise CocoFormatError(f"{f}: categories[{i}] needs an integer 'id', got {cat!r}")
+        if cat["id"] in category_ids:
+            raise CocoFormatError(f"{f}: duplicate category id {cat['id']}")
+        category_ids.add(cat["id"])
+    return data
+
+
+@dataclass
+class CocoIndex:
+    """A COCO instances file checked entry by entry (:func:`index_coco`).
+
+    Attributes:
+        images: image id → its entry (every entry with an integer id).
+        annotations: image id → its annotations (crowd ones included), in file order.
+        unreadable: ids of images whose ``file_name`` is missing, invalid or leaves the image folder (never read).
+        issues: what is wrong (errors) and what was fixed up (after :func:`fix_boxes`).
+        num_annotations: annotations in the file.
+    """
+
+    ann_file: Path
+    image_dir: Path
+    categories: list[dict[str, Any]]
+    images: dict[int, dict[str, Any]]
+    annotations: dict[int, list[dict[str, Any]]]
+    unreadable: set[int]
+    issues: Issues
+    num_annotations: int
+
+    def json_size(self, image_id: int) -> tuple[int, int] | None:
+        """``(height, width)`` of an image as the JSON gives it, or None when it gives none (or an invalid one)."""
+        im = self.images[image_id]
+        h, w = im.get("height"), im.get("width")
+        return (h, w) if _is_int(h) and _is_int(w) and h > 0 and w > 0 else None
+
+
+def index_coco(
+    data: dict[str, Any], ann_file: str | Path, image_dir: str | Path, *, return_masks: bool = False
+) -> CocoIndex:
+    """Check every image and annotation entry of ``data`` (from :func:`load_coco_json`) and group the annotations
+    by image. Problems are collected in ``issues`` (all of them, not only the first), never raised here."""
+    f, image_dir = Path(ann_file), Path(image_dir)
+    issues = Issues(f)
+    category_ids = {c["id"] for c in data["categories"]}
+    images: dict[int, dict[str, Any]] = {}
+    unreadable: set[int] = set()
+    for i, im in enumerate(data["images"]):
+        if not isinstance(im, dict) or not _is_int(im.get("id")):
+            issues.add("error", "invalid image entry", f"images[{i}] needs an integer 'id', got {im!r}")
+            continue
+        where = f"image {im['id']}"
+        if im["id"] in images:
+            issues.add("error", "duplicate image id", f"duplicate image id {im['id']}", "Image ids must be unique")
+            continue
+        images[im["id"]] = im
+        name = im.get("file_name")
+        if not isinstance(name, str) or not name:
+            issues.add("error", "invalid image entry", f"{where} needs a string 'file_name', got {name!r}")
+            unreadable.add(im["id"])
+        elif not _inside(image_dir, name):
+            issues.add(
+                "error",
+                "file_name outside the image folder",
+                f"{where} has file_name {name!r}, which leaves {image_dir}",
+                "file_name must be a path inside the image folder (no '..' or absolute path leading out of it)",
+            )
+            unreadable.add(im["id"])
+        for key in ("width", "height"):
+            if key in im and not (_is_int(im[key]) and im[key] > 0):
+                issues.add("error", "invalid image entry", f"{where} has {key}={im[key]!r}, not a positive int")
+
+    annotations: dict[int, list[dict[str, Any]]] = {image_id: [] for image_id in images}
+    raw = data.get("annotations", [])
+    seen_ids: dict[int, int] = {}  # annotation id → times seen
+    for i, ann in enumerate(raw):
+        if not isinstance(ann, dict):
+            issues.add("error", "invalid annotation", f"annotations[{i}] must be an object, got {type(ann).__name__}")
+            continue
+        where = _annotation_where(ann, i)
+        missing = [key for key in ("image_id", "category_id", "bbox") if key not in ann]
+        if missing:
+            issues.add("error", "invalid annotation", f"{where} is missing {missing[0]!r}")
+            continue
+        if "id" in ann:
+            if not _is_int(ann["id"]):
+                issues.add("error", "invalid annotation", f"{where}: id must be an integer")
+            else:
+                seen_ids[ann["id"]] = seen_ids.get(ann["id"], 0) + 1
+        ok = True
+        if not (_is_int(ann["image_id"]) and ann["image_id"] in images):
+            issues.add("error", "unknown image id", f"{where} refers to unknown image id {ann['image_id']!r}")
+            ok = False
+        if not (_is_int(ann["category_id"]) and ann["category_id"] in category_ids):
+            issues.add(
+                "error",
+                "unknown category id",
+                f"{where} refers to unknown category id {ann['category_id']!r}",
+                f"known category ids: {sorted(category_ids)}",
+            )
+            ok = False
+        bbox = ann["bbox"]
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
+            issues.add("error", "invalid bbox", f"{where}: bbox must be 4 finite numbers [x, y, w, h], got {bbox!r}")
+            ok = False
+        if ann.get("iscrowd", 0) not in (0, 1):
+            issues.add("error", "invalid annotation", f"{where}: iscrowd must be 0 or 1, got {ann['iscrowd']!r}")
+            ok = False
+        if "area" in ann and not _is_number(ann["area"]):
+            issues.add("error", "invalid annotation", f"{where}: area must be a finite number, got {ann['area']!r}")
+            ok = False
+        if return_masks and not ann.get("iscrowd", 0) and "segmentation" not in ann:
+            issues.add("error", "invalid annotation", f"{where} has no 'segmentation' (needed with return_masks=True)")
+            ok = False
+        if ok:
+            if not return_masks:  # polygons are most of a COCO file's memory; drop them when unused
+                ann = {k: v for k, v in ann.items() if k != "segmentation"}
+            annotations[ann["image_id"]].append(ann)
+    for ann_id, times in seen_ids.items():
+        if times > 1:
+            issues.add(
+                "error",
+                "duplicate annotation id",
+                f"annotation id {ann_id} is used {times} times",
+                "Annotation ids must be unique: COCO evaluation keys annotations by id, duplicates distort it",
+            )
+    return CocoIndex(f, image_dir, data["categories"], images, annotations, unreadable, issues, len(raw))
+
+
+def fix_boxes(index: CocoIndex, sizes: dict[int, tuple[int, int]]) -> None:
+    """Drop and clip the boxes of ``index`` against the image sizes (``(height, width)`` by image id), counting
+    each fix-up in ``index.issues``. Crowd annotations (never training objects) and images without a size are
+    left as they are.
+
+    - width or height ≤ 0: dropped (nothing to learn);
+    - nothing left inside the image: dropped;
+    - reaching more than ``CLIP_TOLERANCE`` pixels past the border: kept, clipped to the image when loaded.
+    """
+    for image_id, anns in index.annotations.items():
+        if image_id not in sizes:
+            continue
+        height, width = sizes[image_id]
+        image = index.images[image_id]
+        kept = []
+        for ann in anns:
+            if ann.get("iscrowd", 0):
+                kept.append(ann)
+                continue
+            x, y, w, h = ann["bbox"]
+            where = f"{_annotation_where(ann, None, image)}: bbox {ann['bbox']}"
+            if w <= 0 or h <= 0:
+                index.issues.add("fix-up", DROPPED_EMPTY, where)
+                continue
+            if min(x + w, width) <= max(x, 0) or min(y + h, height) <= max(y, 0):
+                index.issues.add("fix-up", DROPPED_OUTSIDE, f"{where} in a {width}x{height} image")
+                continue
+            t = CLIP_TOLERANCE
+            if x < -t or y < -t or x + w > width + t or y + h > height + t:
+                index.issues.add("fix-up", CLIPPED, f"{where} in a {width}x{height} image")
+            kept.append(ann)
+        index.annotations[image_id] = kept
+
+
+def size_mismatch_message(
+    path: Path, ann_file: Path, image_id: int, actual: tuple[int, int], expected: tuple[int, int]
+) -> str:
+    """Why an image whose stored size (w, h) differs from its JSON entry's is refused, and what to do."""
+    text = (
+        f"image file {path} is {actual[0]}x{actual[1]} (w x h) but {ann_file} says {expected[0]}x{expected[1]} "
+        f"(image {image_id}): the boxes would not line up with the pixels."
+    )
+    orientation = 1
+    try:
+        orientation = read_header(path).orientation
+    except (OSError, ValueError):
+        pass
+    if actual == expected[::-1] and orientation in (5, 6, 7, 8):
+        return text + (
+            f" The JSON's size is the one a viewer shows after the file's EXIF rotation (orientation {orientation}), "
+            "which detrkit never applies (COCO boxes are in the stored pixel grid). If the boxes were drawn on the "
+            "rotated picture, save the image rotated (PIL.ImageOps.exif_transpose) and drop the tag; otherwise "
+            "correct width/height in the JSON"
+        )
+    return text + " Correct width/height in the JSON, or replace the file with the one that was annotated"
+
+
 class CocoDetection(Dataset):
     """A folder of images and a COCO instances JSON file.
 
@@ -95,6 +418,12 @@ class CocoDetection(Dataset):
         label_map: category id ↔ contiguous label, from the file's ``categories`` (sorted by id).
         num_classes: number of categories K in the file.
         ids: image ids, sorted; index ``i`` of the dataset is image ``ids[i]``.
+        index: the checked file (:class:`CocoIndex`): its fix-ups are in ``index.issues``.
+
+    Raises:
+        CocoFormatError: listing every invalid entry of the file (nothing is read until all are fixed).
+        FileNotFoundError, OSError: an image the JSON gives no width/height for is missing or unreadable (its
+            header is read when the dataset is built).
     """
 
     def __init__(
@@ -108,88 +437,25 @@ class CocoDetection(Dataset):
         self.ann_file = Path(ann_file)
         self.transforms = transforms
         self.return_masks = return_masks
-        images, categories, annotations = self._read_ann_file()
-        self.label_map = LabelMap.from_coco_categories(categories)
+        index = index_coco(load_coco_json(self.ann_file), self.ann_file, self.image_dir, return_masks=return_masks)
+        index.issues.raise_errors()
+        self.label_map = LabelMap.from_coco_categories(index.categories)
         self.num_classes = self.label_map.num_classes
-        self._images: dict[int, dict[str, Any]] = {int(im["id"]): im for im in images}
-        self._annotations: dict[int, list[dict[str, Any]]] = {image_id: [] for image_id in self._images}
-        for ann in annotations:
-            if not return_masks:  # polygons are most of a COCO file's memory; drop them when unused
-                ann = {k: v for k, v in ann.items() if k != "segmentation"}
-            self._annotations[int(ann["image_id"])].append(ann)
+        self._images: dict[int, dict[str, Any]] = index.images
+        # (height, width) of every image: the JSON's, else the file header's (read now, so that the boxes of
+        # every image are checked here, before training starts)
+        self._sizes: dict[int, tuple[int, int]] = {}
+        for image_id, info in self._images.items():
+            size = index.json_size(image_id)
+            if size is None:
+                header = read_header(self.image_dir / info["file_name"])
+                size = (header.height, header.width)
+            self._sizes[image_id] = size
+        fix_boxes(index, self._sizes)
+        index.issues.announce()
+        self.index = index
+        self._annotations: dict[int, list[dict[str, Any]]] = index.annotations
         self.ids: list[int] = sorted(self._images)
-
-    # ---------------------------------------------------------------- annotation file
-    def _read_ann_file(self) -> tuple[list[dict], list[dict], list[dict]]:
-        """Load and validate the JSON; every error names the file (and the entry)."""
-        f = self.ann_file
-        try:
-            with open(f, encoding="utf-8") as fh:
-                data = json.load(fh)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"annotation file not found: {f}") from None
-        except json.JSONDecodeError as e:
-            raise CocoFormatError(f"{f}: not valid JSON: {e}") from e
-        if not isinstance(data, dict):
-            raise CocoFormatError(f"{f}: expected a JSON object at the top level, got {type(data).__name__}")
-        for key in ("images", "categories"):
-            if key not in data:
-                raise CocoFormatError(
-                    f"{f}: missing key {key!r} (a COCO instances file has images, categories and annotations)"
-                )
-            if not isinstance(data[key], list):
-                raise CocoFormatError(f"{f}: {key!r} must be a list, got {type(data[key]).__name__}")
-        annotations = data.get("annotations", [])
-        if not isinstance(annotations, list):
-            raise CocoFormatError(f"{f}: 'annotations' must be a list, got {type(annotations).__name__}")
-
-        categories = data["categories"]
-        if not categories:
-            raise CocoFormatError(f"{f}: 'categories' is empty; the number of classes comes from it")
-        category_ids: set[int] = set()
-        for i, cat in enumerate(categories):
-            if not isinstance(cat, dict) or not _is_int(cat.get("id")):
-                raise CocoFormatError(f"{f}: categories[{i}] needs an integer 'id', got {cat!r}")
-            if cat["id"] in category_ids:
-                raise CocoFormatError(f"{f}: duplicate category id {cat['id']}")
-            category_ids.add(cat["id"])
-
-        image_ids: set[int] = set()
-        for i, im in enumerate(data["images"]):
-            if not isinstance(im, dict) or not _is_int(im.get("id")):
-                raise CocoFormatError(f"{f}: images[{i}] needs an integer 'id', got {im!r}")
-            if not isinstance(im.get("file_name"), str):
-                raise CocoFormatError(f"{f}: image {im['id']} needs a string 'file_name'")
-            for key in ("width", "height"):
-                if key in im and not (_is_int(im[key]) and im[key] > 0):
-                    raise CocoFormatError(f"{f}: image {im['id']} has {key}={im[key]!r}, not a positive int")
-            if im["id"] in image_ids:
-                raise CocoFormatError(f"{f}: duplicate image id {im['id']}")
-            image_ids.add(im["id"])
-
-        for i, ann in enumerate(annotations):
-            if not isinstance(ann, dict):
-                raise CocoFormatError(f"{f}: annotations[{i}] must be an object, got {type(ann).__name__}")
-            where = f"{f}: annotation {ann.get('id', f'#{i}')}"
-            for key in ("image_id", "category_id", "bbox"):
-                if key not in ann:
-                    raise CocoFormatError(f"{where} is missing {key!r}")
-            if ann["image_id"] not in image_ids:
-                raise CocoFormatError(f"{where} refers to unknown image id {ann['image_id']!r}")
-            if ann["category_id"] not in category_ids:
-                raise CocoFormatError(
-                    f"{where} refers to unknown category id {ann['category_id']!r} (known: {sorted(category_ids)})"
-                )
-            bbox = ann["bbox"]
-            if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
-                raise CocoFormatError(f"{where}: bbox must be 4 finite numbers [x, y, w, h], got {bbox!r}")
-            if ann.get("iscrowd", 0) not in (0, 1):
-                raise CocoFormatError(f"{where}: iscrowd must be 0 or 1, got {ann['iscrowd']!r}")
-            if "area" in ann and not _is_number(ann["area"]):
-                raise CocoFormatError(f"{where}: area must be a finite number, got {ann['area']!r}")
-            if self.return_masks and not ann.get("iscrowd", 0) and "segmentation" not in ann:
-                raise CocoFormatError(f"{where} has no 'segmentation' (needed with return_masks=True)")
-        return data["images"], categories, annotations
 
     # ---------------------------------------------------------------- loading
     def __len__(self) -> int:
@@ -206,17 +472,15 @@ class CocoDetection(Dataset):
         expected = (info.get("width", image.width), info.get("height", image.height))
         if image.size != expected:
             # Boxes would be silently misaligned (often an EXIF-rotated export); better to stop here.
-            raise ValueError(
-                f"image file {path} is {image.width}x{image.height} (w x h) but {self.ann_file} says "
-                f"{expected[0]}x{expected[1]}"
-            )
+            raise ValueError(size_mismatch_message(path, self.ann_file, self.ids[index], image.size, expected))
         return image
 
     def load_target(self, index: int, image_size: tuple[int, int] | None = None) -> dict[str, Any]:
         """The target of sample ``index`` before transforms, as the transforms receive it.
 
         Boxes are ``tv_tensors.BoundingBoxes`` (N, 4) in absolute XYXY pixels, clamped to the image; crowd
-        objects and boxes empty after clamping are left out. ``masks``: uint8 ``tv_tensors.Mask`` (N, H, W).
+        objects are left out, and so are the boxes :func:`fix_boxes` dropped (announced when the dataset was
+        built). ``masks``: uint8 ``tv_tensors.Mask`` (N, H, W).
 
         Args:
             image_size: ``(height, width)`` of the loaded image; when not given, the annotation file's, or the

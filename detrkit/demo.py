@@ -156,7 +156,8 @@ def run_demo(out_dir: Path = Path("demo_run"), overrides: list[str] | None = Non
         out_dir / "data",
         time.perf_counter() - start,
     )
-    metrics = Trainer(config, device=setup_run(config.train)).fit()
+    # the demo is re-runnable: it regenerates its data and replaces an earlier demo run (announced)
+    metrics = Trainer(config, device=setup_run(config.train), overwrite=True).fit()
     train_time = time.perf_counter() - start
 
     model = load(Path(config.train.output_dir) / "model")

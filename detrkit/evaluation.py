@@ -45,6 +45,8 @@ import gc
 import io
 import json
 import logging
+import math
+import numbers
 import os
 import sys
 import tempfile
@@ -274,8 +276,7 @@ def evaluate_results_file(
     with _gc_paused():
         if isinstance(results_json, (str, os.PathLike)):
             source = os.fspath(results_json)
-            with open(results_json) as f:
-                raw = json.load(f)
+            raw = _read_results_json(source)
         else:
             source, raw = "results", results_json
         results = _validate_results(raw, source=source, image_ids={img["id"] for img in gt["images"]})
@@ -439,9 +440,14 @@ def _check_backend(backend: str) -> None:
 
 def _load_gt(coco_gt: str | os.PathLike | Mapping[str, Any]) -> Mapping[str, Any]:
     if isinstance(coco_gt, (str, os.PathLike)):
-        with open(coco_gt) as f:
-            data = json.load(f)
         source = os.fspath(coco_gt)
+        if not os.path.isfile(source):
+            raise FileNotFoundError(f"no COCO annotation file {source}")
+        try:
+            with open(coco_gt, encoding="utf-8") as f:
+                data = json.load(f)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{source} is not a COCO annotation file: not valid JSON ({e})") from e
     else:
         data, source = coco_gt, "ground truth"
     if not isinstance(data, Mapping):
@@ -540,14 +546,47 @@ def _validate_results(raw: Any, *, source: str, image_ids: set[int]) -> list[dic
         missing = [k for k in _RESULT_KEYS if k not in det]
         if missing:
             raise ValueError(f"{source}: record {i} lacks {missing} (each record needs {list(_RESULT_KEYS)})")
+        for key in ("image_id", "category_id"):
+            if not _is_integer(det[key]):
+                raise ValueError(f"{source}: record {i} has {key} {det[key]!r}; expected an integer")
+        if not _is_finite_number(det["score"]):
+            raise ValueError(f"{source}: record {i} has score {det['score']!r}; expected a finite number")
         bbox = det["bbox"]
-        if not isinstance(bbox, Sequence) or len(bbox) != 4:
-            raise ValueError(f"{source}: record {i} has bbox {bbox!r}; expected [x, y, width, height]")
+        if (
+            isinstance(bbox, (str, bytes))
+            or not isinstance(bbox, Sequence)
+            or len(bbox) != 4
+            or not all(_is_finite_number(v) for v in bbox)
+        ):
+            raise ValueError(f"{source}: record {i} has bbox {bbox!r}; expected [x, y, width, height], finite numbers")
         results.append({k: det[k] for k in _RESULT_KEYS})
     unknown = sorted({det["image_id"] for det in results} - image_ids, key=str)
     if unknown:
         raise ValueError(f"{source}: image ids not in the ground truth: {_format_ids(unknown)}")
     return results
+
+
+def _read_results_json(path: str) -> Any:
+    """A results file's JSON; a file that is not JSON (or not text) is named, with where reading stopped."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{path}: not a JSON text file ({e.reason} at byte {e.start}); expected a COCO results list"
+        ) from e
+    except json.JSONDecodeError as e:
+        raise ValueError(
+            f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); expected a COCO results list"
+        ) from e
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_finite_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _format_ids(ids: Sequence[Any]) -> str:

@@ -6,6 +6,7 @@ Layer: evaluation and pictures, above the models. May import the layers below it
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -41,7 +42,11 @@ def save_image(image: torch.Tensor, path: str | Path) -> Path:
 
 
 def plot_curves(log_path: str | Path, out_path: str | Path) -> Path | None:
-    """Loss terms per step and AP/AP50 per epoch from a run's ``log.jsonl``, as a PNG."""
+    """Loss terms per step and AP/AP50 per epoch from a run's ``log.jsonl``, as a PNG.
+
+    Steps whose update was skipped (a non-finite loss: only ``loss``, NaN, is logged) leave gaps; lines that are
+    not JSON records (a write cut short) are skipped.
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -49,9 +54,12 @@ def plot_curves(log_path: str | Path, out_path: str | Path) -> Path | None:
     if not log_path.is_file():
         return None
     steps, epochs = [], []
-    for line in log_path.read_text().splitlines():
-        if line.strip():
+    for line in log_path.read_text(errors="replace").splitlines():
+        try:
             rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and "step" in rec and "epoch" in rec:
             (steps if rec.get("type") == "step" else epochs).append(rec)
     if not steps:
         return None
@@ -59,13 +67,19 @@ def plot_curves(log_path: str | Path, out_path: str | Path) -> Path | None:
     FigureCanvasAgg(fig)
     ax1, ax2 = fig.subplots(1, 2)
     x = [r["step"] for r in steps]
+    plotted = False
     for key in ("loss", "loss_ce", "loss_bbox", "loss_giou"):
-        if key in steps[0]:
-            ax1.plot(x, _smooth([r[key] for r in steps]), label=key)
+        values = [_number(r.get(key)) for r in steps]
+        if any(v > 0 for v in values):  # a log scale shows positive values only
+            ax1.plot(x, _smooth(values), label=key)
+            plotted = True
     ax1.set_xlabel("step")
-    ax1.set_yscale("log")
     ax1.set_title("training losses (smoothed)")
-    ax1.legend()
+    if plotted:
+        ax1.set_yscale("log")
+        ax1.legend()
+    else:
+        ax1.text(0.5, 0.5, "no finite loss was logged", ha="center", va="center", transform=ax1.transAxes)
     evals = [r for r in epochs if "AP" in r]
     if evals:
         for key in ("AP", "AP50", "AP75"):
@@ -80,9 +94,18 @@ def plot_curves(log_path: str | Path, out_path: str | Path) -> Path | None:
     return out_path
 
 
+def _number(value) -> float:
+    """A logged value as a float: NaN for a missing or non-numeric one."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+
+
 def _smooth(values: list[float], alpha: float = 0.1) -> list[float]:
+    """Exponential moving average; a non-finite value is a gap (NaN) that does not poison the average."""
     out, avg = [], None
     for v in values:
+        if not math.isfinite(v):
+            out.append(math.nan)
+            continue
         avg = v if avg is None else (1 - alpha) * avg + alpha * v
         out.append(avg)
     return out

@@ -16,7 +16,7 @@ from detrkit.evaluation import COCO_METRIC_KEYS
 @pytest.mark.parametrize(
     "command, options",
     [
-        ("train", ["--resume", "KEY=VALUE", "torchrun"]),
+        ("train", ["--resume", "--overwrite", "KEY=VALUE", "torchrun"]),
         ("eval", ["--weights", "--images", "--annotations", "--results", "--out", "metrics.json"]),
         ("predict", ["--weights", "--out", "--threshold", "IMAGE_OR_DIR", "detections.json", "--fast", "--bf16"]),
         ("convert", ["source", "dest"]),
@@ -71,9 +71,10 @@ def test_predict_writes_json_and_pictures(shapes, weights, tmp_path, capsys):
     records = json.loads((out / "detections.json").read_text())
     assert len(records) == 4
     assert {d["name"] for r in records for d in r["detections"]} <= {"circle", "square", "triangle"}
-    assert len(list(out.glob("*.jpg"))) == 4
-    with Image.open(out / "gray.jpg") as im:
-        assert im.size == (40, 30)
+    assert len(list(out.glob("*.png"))) == 4  # PNG inputs stay PNG (test_hostile_cli: names, formats)
+    assert [r["drawn"] for r in records][-1] == "gray.png"
+    with Image.open(out / "gray.png") as im:
+        assert im.size == (40, 30) and im.format == "PNG"
     assert "detection(s)" in capsys.readouterr().out
 
 

@@ -133,6 +133,8 @@ def test_resume_after_sigkill_matches_uninterrupted_run(shapes, tmp_path):
     resumed = subprocess.run(cmd + ["--resume", "auto"], cwd=ROOT, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stderr
+    logged = [json.loads(line) for line in (run_b / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if r["type"] == "step"] == list(range(1, 13))  # each step once
     a, b = final_weights(tmp_path / "a"), final_weights(run_b)
     assert a.keys() == b.keys()
     for k in a:

@@ -12,16 +12,23 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib
-import json
 import pkgutil
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_file
 from torch import Tensor
 
 from ..config import ModelConfig
-from .common import Converter, StateDict, preview, read_transformers_weights, torch_load_tensors
+from ..files import TRAIN_FORMAT
+from .common import (
+    Converter,
+    StateDict,
+    preview,
+    read_json_object,
+    read_safetensors,
+    read_transformers_weights,
+    torch_load_tensors,
+)
 
 
 @functools.cache
@@ -66,8 +73,14 @@ def load_published(path: str | Path) -> tuple[ModelConfig, StateDict]:
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     if path.suffix == ".safetensors":
-        return _convert_state_file(load_file(str(path)), args=None, path=path)
-    obj = torch_load_tensors(path)
+        return _convert_state_file(read_safetensors(path), args=None, path=path)
+    return convert_file_object(torch_load_tensors(path), path)
+
+
+def convert_file_object(obj: Any, path: Path) -> tuple[ModelConfig, StateDict]:
+    """``load_published`` for what ``torch_load_tensors(path)`` returned (callers that read the file once)."""
+    if isinstance(obj, dict) and obj.get("format") == TRAIN_FORMAT:
+        raise ValueError(f"{path} is a detrkit training checkpoint, not published weights: read it with detrkit.load")
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         args = obj.get("args")
         if isinstance(args, argparse.Namespace):
@@ -129,7 +142,7 @@ def _load_transformers_folder(folder: Path) -> tuple[ModelConfig, StateDict]:
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{folder} has no config.json: it is neither a detrkit nor a transformers model")
-    hf = json.loads(config_file.read_text())
+    hf = read_json_object(config_file)
     if hf.get("format") == "detrkit":
         raise ValueError(f"{folder} is a detrkit folder: read it with detrkit.load")
     known = transformers_converters()
@@ -143,7 +156,7 @@ def _load_transformers_folder(folder: Path) -> tuple[ModelConfig, StateDict]:
     # The image processor's resize travels with the model, so `predict` resizes the way the reference does.
     preprocessor = folder / "preprocessor_config.json"
     if preprocessor.is_file():
-        size = json.loads(preprocessor.read_text()).get("size")
+        size = read_json_object(preprocessor).get("size")
         if isinstance(size, dict) and "shortest_edge" in size and "longest_edge" in size:
             config = config.replace(image_size=int(size["shortest_edge"]), max_size=int(size["longest_edge"]))
     return config, state

@@ -12,7 +12,11 @@ import argparse
 import contextlib
 import json
 import pickle
+import pickletools
 import re
+import struct
+import warnings
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +69,11 @@ RESNET_LAYOUTS: dict[str, tuple[tuple[int, ...], bool]] = {
 
 
 # -- safe reading --------------------------------------------------------------------------------------------
+# Every file detrkit reads goes through these: tensors only (no pickled code runs), and a file that is not what was
+# expected (empty, truncated, text, another format) is named and described in a sentence, never a parser's traceback.
+_PLAIN_PICKLE_GLOBALS = ("torch.", "collections.OrderedDict", "argparse.Namespace", "_codecs.encode", "builtins.set")
+
+
 def safe_globals() -> contextlib.AbstractContextManager:
     """Allow ``argparse.Namespace`` in ``weights_only`` unpickling: official checkpoints keep their training
     ``args`` in one, and a Namespace is a plain bag of attributes (rebuilding it runs no code)."""
@@ -72,36 +81,160 @@ def safe_globals() -> contextlib.AbstractContextManager:
     return safe_globals([argparse.Namespace]) if safe_globals is not None else contextlib.nullcontext()
 
 
+def describe_file(path: Path) -> str:
+    """What ``path`` holds, in words, judged from its bytes without unpickling anything: "an empty file (0 bytes)",
+    "a truncated safetensors file (...)", "a text file starting '...'", ... For messages about a file that is not
+    what was expected."""
+    size = path.stat().st_size
+    if size == 0:
+        return "an empty file (0 bytes)"
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if head.startswith(b"PK\x03\x04"):
+        if zipfile.is_zipfile(path):
+            return f"a zip archive such as torch.save writes ({size:,} bytes)"
+        return (
+            f"a truncated or corrupted zip archive ({size:,} bytes, without the directory a complete torch.save "
+            "file ends with: an interrupted copy, download or save?)"
+        )
+    layout = _safetensors_layout(path, head, size)
+    if layout is not None:
+        return layout
+    if head[:1] == b"\x80":
+        return f"a Python pickle ({size:,} bytes)"
+    text = head.decode("utf-8", errors="ignore") if head else ""
+    if text and len(text.encode()) >= len(head) - 3 and all(c.isprintable() or c in "\t\r\n" for c in text):
+        first = text.strip().splitlines()[0][:60] if text.strip() else ""
+        kind = "a JSON or text file" if first.startswith(("{", "[")) else "a text file"
+        return f"{kind} ({size:,} bytes) starting {first!r}"
+    return f"a file of unknown format ({size:,} bytes starting {head[:8]!r})"
+
+
+def _safetensors_layout(path: Path, head: bytes, size: int) -> str | None:
+    """How a safetensors file looks (complete, truncated), or None when ``head`` is not one's: 8 bytes of header
+    length, a JSON header, then the tensors' bytes at the offsets the header lists."""
+    if len(head) < 10 or head[8:9] != b"{":
+        return None
+    (length,) = struct.unpack("<Q", head[:8])
+    if length > 100_000_000:
+        return None
+    if 8 + length > size:
+        return f"a truncated safetensors file ({size:,} bytes, shorter than its own header of {length:,} bytes)"
+    with open(path, "rb") as f:
+        f.seek(8)
+        try:
+            header = json.loads(f.read(length))
+            end = max([0] + [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"])
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            return f"a corrupted safetensors file ({size:,} bytes; its header is not the JSON it should be)"
+    expected = 8 + length + end
+    if size < expected:
+        return f"a truncated safetensors file ({size:,} of the {expected:,} bytes its header describes)"
+    if size > expected:
+        return f"a corrupted safetensors file ({size - expected:,} bytes more than its header describes)"
+    return f"a safetensors file of {len(header) - ('__metadata__' in header)} tensors"
+
+
+def pickle_globals(path: Path) -> list[str]:
+    """The Python globals (classes, functions) the pickles at the start of ``path`` would import, read with
+    ``pickletools`` (which parses opcodes and executes nothing). For naming what a refused pickle needs."""
+    found: list[str] = []
+    strings: list[str] = []
+    with open(path, "rb") as f:
+        try:
+            for _ in range(5):  # legacy torch.save files are several pickles in a row
+                for op, arg, _pos in pickletools.genops(f):
+                    if op.name in ("GLOBAL", "INST"):
+                        found.append(str(arg).replace(" ", "."))
+                    elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                        found.append(f"{strings[-2]}.{strings[-1]}")
+                    elif isinstance(arg, str):
+                        strings.append(arg)
+        except Exception:  # noqa: BLE001 - the end of the pickles, or garbage: what was found so far is the answer
+            pass
+    return list(dict.fromkeys(found))
+
+
+def _refuse_code(path: Path, name: str) -> ValueError:
+    return ValueError(
+        f"refusing to load {path}: unpickling it needs the Python global {name}. detrkit reads only tensors and "
+        "plain data (torch.load weights_only=True) and never runs code from a checkpoint; re-save it as "
+        "torch.save({'model': model.state_dict()}, path) or as safetensors"
+    )
+
+
 def torch_load_tensors(path: Path) -> Any:
     """``torch.load(weights_only=True)`` with Namespace allowed: a pickle that needs any other Python global
-    (a class, a function such as ``os.system``) is refused before anything runs, naming the global."""
+    (a class, a function such as ``os.system``) is refused before anything runs, naming the global; a file that
+    is not a torch checkpoint (empty, truncated, text, ...) is described."""
     try:
-        with safe_globals():
+        with safe_globals(), warnings.catch_warnings():
+            # pickle.dump's protocols 4-5: torch warns it may not parse them; what it cannot parse is reported below
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:  # raised by the weights-only unpickler, before it builds anything
         # Quote torch's reason, not its advice (which suggests weights_only=False, exactly what we refuse).
         found = re.search(r"unsupported global:?\s*(?:GLOBAL\s+)?([\w.]+)", str(e), flags=re.IGNORECASE)
         if found:
-            raise ValueError(
-                f"refusing to load {path}: unpickling it needs the Python global {found.group(1)}. detrkit "
-                "reads only tensors and plain data (torch.load weights_only=True) and never runs code from a "
-                "checkpoint; re-save it as torch.save({'model': model.state_dict()}, path) or as safetensors"
-            ) from e
+            raise _refuse_code(path, found.group(1)) from e
+        # A pickle torch's reader does not parse (pickle.dump's protocol 4 and 5): name what it would import.
+        foreign = [g for g in pickle_globals(path) if not g.startswith(_PLAIN_PICKLE_GLOBALS)]
+        if foreign:
+            raise _refuse_code(path, ", ".join(foreign[:3])) from e
+        what = describe_file(path)
+        if not what.startswith(("a zip archive", "a Python pickle")):  # text read as opcodes, say
+            raise ValueError(f"cannot read {path} as a torch checkpoint: it is {what}") from e
         found = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(e))
         reason = found.group(1).strip() if found else "not a weights-only torch pickle"
-        raise ValueError(f"cannot read {path} as a torch checkpoint of tensors: {reason}") from e
+        raise ValueError(
+            f"cannot read {path} as a torch checkpoint of tensors: it is {what} that torch's weights-only reader "
+            f"does not parse ({reason}); re-save it with torch.save or as safetensors"
+        ) from e
     except Exception as e:  # not a torch file, truncated, corrupted: the unpickler fails in many ways
-        raise ValueError(f"cannot read {path} as a torch checkpoint: {type(e).__name__}: {e}") from e
+        what = describe_file(path)
+        if what.startswith(("a zip archive", "a Python pickle")):  # the right kind of file, broken inside
+            first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            reason = "it ends early (truncated?)" if isinstance(e, EOFError) else f"{type(e).__name__}: {first_line}"
+            raise ValueError(f"cannot read {path} as a torch checkpoint: it is {what}, and {reason}") from e
+        raise ValueError(f"cannot read {path} as a torch checkpoint: it is {what}") from e
+
+
+def read_safetensors(path: Path) -> StateDict:
+    """A safetensors file's tensors; a missing, truncated or foreign file is named and described."""
+    if not path.is_file():
+        raise FileNotFoundError(f"no weights file {path}")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors' own error type is a Rust exception: catch whatever it raises
+        what = describe_file(path)
+        detail = f" ({e})" if what.startswith("a safetensors file") else ""
+        raise ValueError(f"cannot read {path} as safetensors weights: it is {what}{detail}") from e
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file holding an object (``config.json``), or an error naming the file, the line and the column."""
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not a JSON text file: it is {describe_file(path)}") from e
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}") from e
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} holds a JSON {type(obj).__name__}, not the object of settings expected")
+    return obj
 
 
 def read_transformers_weights(folder: Path) -> StateDict:
     if (folder / "model.safetensors").is_file():
-        return load_file(str(folder / "model.safetensors"))
+        return read_safetensors(folder / "model.safetensors")
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         state: StateDict = {}
-        for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-            state.update(load_file(str(folder / shard)))
+        weight_map = read_json_object(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index} has no 'weight_map' object (tensor name → shard file)")
+        for shard in sorted(set(weight_map.values())):
+            state.update(read_safetensors(folder / str(shard)))
         return state
     if (folder / "pytorch_model.bin").is_file():
         obj = torch_load_tensors(folder / "pytorch_model.bin")

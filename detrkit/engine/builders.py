@@ -2,11 +2,13 @@
 
 Each builder is a function of the config (and what it needs besides); none changes global state.
 
-Layer: engine. Imports: config, the building blocks (criterion, matcher, data, transforms), models, and ``schedule``.
+Layer: engine. Imports: config, the building blocks (criterion, matcher, data, doctor, transforms), models, and
+``schedule``.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -16,9 +18,12 @@ from .. import distributed as dist
 from ..config import ModelConfig, RunConfig, TrainConfig
 from ..criterion import SetCriterion
 from ..data import CocoDetection
+from ..doctor import check_loaded_dataset
 from ..matcher import HungarianMatcher
 from ..transforms import eval_transforms, train_transforms
 from .schedule import param_groups
+
+log = logging.getLogger("detrkit")
 
 
 def build_criterion(config: RunConfig, num_classes: int) -> SetCriterion:
@@ -65,7 +70,7 @@ def build_train_dataset(config: RunConfig) -> CocoDetection:
         crop_resize=d.crop_resize if d.random_crop else None,
         crop_size=d.crop_size,
     )
-    return CocoDetection(d.train_images, d.train_annotations, transforms=tf)
+    return _checked(CocoDetection(d.train_images, d.train_annotations, transforms=tf), config, "train")
 
 
 def build_val_dataset(config: RunConfig) -> CocoDetection | None:
@@ -73,11 +78,30 @@ def build_val_dataset(config: RunConfig) -> CocoDetection | None:
     if not d.val_annotations:
         return None
     _require_files(d.val_images, d.val_annotations, "val")
-    return CocoDetection(
+    dataset = CocoDetection(
         d.val_images,
         d.val_annotations,
         transforms=eval_transforms(size=d.eval_size, max_size=d.eval_max_size),
     )
+    return _checked(dataset, config, "val")
+
+
+def _checked(dataset: CocoDetection, config: RunConfig, split: str) -> CocoDetection:
+    """``dataset`` once ``detrkit doctor``'s checks pass: every image header read (fast: no decoding), so a bad
+    image stops the run now rather than an hour into an epoch; warnings announced (rank 0), errors refused."""
+    d = config.data
+    report = check_loaded_dataset(
+        dataset, num_queries=config.model.num_queries, image_size=d.eval_size, max_size=d.eval_max_size
+    )
+    if not report.ok:
+        raise ValueError(
+            f"data.{split}: the dataset has errors (`detrkit doctor` prints the full report):\n"
+            + report.issues.message("error")
+        )
+    if dist.is_main_process():
+        for issue in report.warnings:  # the fix-ups were announced when the dataset was built
+            log.warning("%s: %s", report.annotations, issue.format())
+    return dataset
 
 
 def _require_files(images: str, annotations: str, split: str) -> None:

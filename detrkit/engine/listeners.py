@@ -3,12 +3,15 @@
 The ``Trainer`` calls each hook on every listener, in list order; ``default_listeners`` builds the list once, when
 the trainer is built. Files open in ``on_fit_start`` and close in ``on_close``, which runs however ``fit`` ends.
 
+- ``RunFolder``: before anything is written, removes a replaced run's outputs (``overwrite``) and the temporary
+  files of writes a crash cut short.
 - ``ProgressLog``: the start line, and a bar (or a log line every ``train.log_every`` steps) per epoch.
 - ``Evaluation``: COCO metrics on the val split, added to the epoch record; ``metrics.json``; ``best/``.
-- ``JsonlLog``: ``log.jsonl``, one JSON object per step and per epoch.
+- ``JsonlLog``: ``log.jsonl``, one JSON object per step and per epoch (each once: a resumed run first drops the
+  records after its checkpoint).
 - ``TensorBoard``: ``tensorboard/`` (``train.tensorboard``).
 - ``Checkpoints``: ``config.yaml``; ``checkpoints/`` every ``train.checkpoint_every_steps``, each epoch and on a
-  stop signal; ``model/`` when training completes.
+  stop signal; ``model/`` when training completes (hard links to ``best/``'s files when they are identical).
 - ``Curves``: ``curves.png`` when training completes.
 - ``StopOnSignal``: Ctrl-C/SIGTERM ask the trainer to stop after the current step (a second signal stops at once).
 
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import signal
 import threading
 from pathlib import Path
@@ -31,7 +35,7 @@ from typing import Any, Protocol
 import torch
 
 from .. import distributed as dist
-from ..checkpoint import atomic_write_text
+from ..checkpoint import atomic_write_text, save_pretrained
 from ..config import RunConfig
 from ..data import CocoDetection
 from ..evaluation import COCO_METRIC_KEYS, Progress, evaluate_model, write_metrics
@@ -41,6 +45,20 @@ from .state import TrainState
 log = logging.getLogger("detrkit")
 
 Record = dict[str, Any]  # a log.jsonl line: {"type": "step" | "epoch", "epoch", "step", ...}
+
+# What a run writes into its folder (train.output_dir). A folder holding any of them holds a run: a new run there
+# is refused unless it resumes that run or replaces it (``Trainer(resume=..., overwrite=...)``).
+RUN_OUTPUTS = ("config.yaml", "log.jsonl", "checkpoints", "metrics.json", "curves.png", "best", "model", "tensorboard")
+
+
+def run_outputs(run_dir: Path) -> list[str]:
+    """The run outputs already in ``run_dir`` (folders with a trailing ``/``; empty ones do not count)."""
+    found = []
+    for name in RUN_OUTPUTS:
+        path = run_dir / name
+        if path.is_file() or (path.is_dir() and any(path.iterdir())):
+            found.append(f"{name}/" if path.is_dir() else name)
+    return found
 
 
 class TrainerView(Protocol):
@@ -90,15 +108,65 @@ class Listener:
         """``fit()`` returns or raises: release files and handlers."""
 
 
-def default_listeners(trainer: TrainerView) -> list[Listener]:
-    """The listeners of a run, in the order they are called: evaluation before the logs that record its
-    metrics, logs before checkpoints."""
+def default_listeners(trainer: TrainerView, *, overwrite: bool = False) -> list[Listener]:
+    """The listeners of a run, in the order they are called: the run folder prepared before anything is written,
+    evaluation before the logs that record its metrics, logs before checkpoints."""
     t, run_dir, main = trainer.config.train, trainer.run_dir, trainer.is_main
-    listeners: list[Listener] = [ProgressLog(), Evaluation(), JsonlLog(run_dir / "log.jsonl", enabled=main)]
+    listeners: list[Listener] = [RunFolder(run_dir, overwrite=overwrite, enabled=main), ProgressLog(), Evaluation()]
+    listeners.append(JsonlLog(run_dir / "log.jsonl", enabled=main))
     if t.tensorboard and main:
         listeners.append(TensorBoard(run_dir / "tensorboard"))
     listeners += [Checkpoints(), Curves(enabled=main), StopOnSignal()]
     return listeners
+
+
+class RunFolder(Listener):
+    """Prepares the run folder when ``fit`` starts: ``overwrite`` removes the previous run's outputs (once, so a
+    second ``fit`` continues this run); stale ``.*.tmp`` files, which a write killed mid-way leaves behind (the
+    atomic writes remove their own on errors, but nothing can on SIGKILL), are removed. Both are announced."""
+
+    # The temporary files of the run's atomic writes (``files.atomic_write``: ``.{name}.XXXXXXXX.tmp`` beside the
+    # file), by folder; only these go, whatever else the folder holds.
+    STALE = {
+        "": (".config.yaml.*.tmp", ".log.jsonl.*.tmp", ".metrics.json.*.tmp"),
+        "checkpoints": (".step-*.pt.*.tmp",),
+        "best": (".config.json.*.tmp", ".model.safetensors.*.tmp"),
+        "model": (".config.json.*.tmp", ".model.safetensors.*.tmp"),
+    }
+
+    def __init__(self, run_dir: Path, *, overwrite: bool, enabled: bool) -> None:
+        self.run_dir, self.overwrite, self.enabled = run_dir, overwrite, enabled
+
+    def on_fit_start(self, trainer: TrainerView) -> None:
+        if not self.enabled:
+            return
+        if self.overwrite:
+            self.overwrite = False
+            old = run_outputs(self.run_dir)
+            for name in old:
+                path = self.run_dir / name.rstrip("/")
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+            if old:
+                log.warning("overwrite: removed the previous run's %s from %s", ", ".join(old), self.run_dir)
+        stale = sorted(
+            path
+            for folder, patterns in self.STALE.items()
+            for pattern in patterns
+            for path in (self.run_dir / folder).glob(pattern)
+            if path.is_file()
+        )
+        for path in stale:
+            path.unlink(missing_ok=True)
+        if stale:
+            log.warning(
+                "removed %d stale temporary file(s) left in %s by an interrupted write: %s",
+                len(stale),
+                self.run_dir,
+                ", ".join(str(p.relative_to(self.run_dir)) for p in stale),
+            )
 
 
 class ProgressLog(Listener):
@@ -176,7 +244,40 @@ class JsonlLog(Listener):
     def on_fit_start(self, trainer: TrainerView) -> None:
         if self.enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._drop_records_after(trainer.state)
             self.file = open(self.path, "a")  # noqa: SIM115 - closed in on_close()
+
+    def _drop_records_after(self, state: TrainState) -> None:
+        """Keep the records up to where this run starts or resumes (its checkpoint's step and epoch): those after
+        it come from steps that will run again (a resume from an earlier checkpoint than the log's end), or from
+        a run started over; kept, they would be logged twice. Lines a crash cut short are dropped too."""
+        if not self.path.is_file():
+            return
+        kept, later, broken = [], 0, 0
+        for line in self.path.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+                if record["type"] == "step":
+                    after = record["step"] > state.global_step
+                else:
+                    after = record["epoch"] > state.epoch  # an epoch record's "epoch" counts the epochs done
+            except (ValueError, TypeError, KeyError):
+                broken += line.strip() != ""
+                continue
+            later += after
+            if not after:
+                kept.append(line + "\n")
+        if later or broken:
+            atomic_write_text(self.path, "".join(kept))
+            where = "starts" if state.global_step == 0 else "resumes"
+            log.warning(
+                "%s: removed %d record(s) after step %d, where this run %s%s",
+                self.path,
+                later,
+                state.global_step,
+                where,
+                f", and {broken} unreadable line(s) (a write cut short)" if broken else "",
+            )
 
     def on_step_end(self, trainer: TrainerView, record: Record) -> None:
         self._write(record)
@@ -246,7 +347,9 @@ class Checkpoints(Listener):
         trainer.save_checkpoint()
 
     def on_complete(self, trainer: TrainerView) -> None:
-        trainer.export("model")
+        # When the last evaluation was the best, model/ would repeat best/ byte for byte: hard-link its files.
+        if trainer.is_main:
+            save_pretrained(trainer.eval_model(), trainer.run_dir / "model", same_as=trainer.run_dir / "best")
 
 
 class Curves(Listener):

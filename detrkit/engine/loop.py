@@ -20,7 +20,9 @@ Layer: engine. Imports: config, data, models, ``checkpoint`` (io) and the engine
 from __future__ import annotations
 
 import logging
+import math
 import time
+import urllib.error
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,8 +31,8 @@ import torch
 
 from .. import distributed as dist
 from ..checkpoint import build, init_from_weights
-from ..config import RunConfig
-from ..models import Detector
+from ..config import ModelConfig, RunConfig, TrainConfig
+from ..models import Detector, shape_fields
 from .builders import (
     build_criterion,
     build_datasets,
@@ -41,7 +43,7 @@ from .builders import (
     wrap_distributed,
 )
 from .checkpoints import checkpoint_payload, latest_checkpoint, load_components, read_checkpoint, write_checkpoint
-from .listeners import Listener, default_listeners
+from .listeners import Listener, default_listeners, run_outputs
 from .sampling import EpochSampler, SeededDataset, batches_per_epoch, epoch_updates
 from .schedule import lr_factor
 from .setup import default_device
@@ -61,7 +63,10 @@ class Trainer:
     Args:
         config: the resolved run configuration.
         device: where to train: ``setup_run(config.train)``'s result; by default ``train.device`` resolved.
-        resume: a checkpoint path, ``"auto"`` (the run directory's latest, if any) or None.
+        resume: a checkpoint path, ``"auto"`` (the run directory's latest, if any) or None. A checkpoint of a
+            run with another model (architecture, shapes, classes) is refused, naming the difference.
+        overwrite: replace the run already in ``train.output_dir`` (its outputs are removed when ``fit`` starts).
+            A run folder that holds a run is refused unless ``resume`` or ``overwrite`` is given.
         model: an already built model (tests); by default built from the config and the training data.
         listeners: what reports the run and writes its files; by default ``default_listeners(trainer)``.
     """
@@ -72,6 +77,7 @@ class Trainer:
         *,
         device: torch.device | None = None,
         resume: str | None = None,
+        overwrite: bool = False,
         model: Detector | None = None,
         listeners: Sequence[Listener] | None = None,
     ) -> None:
@@ -79,11 +85,15 @@ class Trainer:
         self.device = device if device is not None else default_device(t)
         self.is_main = dist.is_main_process()
         self.run_dir = Path(t.output_dir)
+        _check_run_dir(self.run_dir, resume=resume, overwrite=overwrite)  # before any data is read
         self.train_set, self.val_set = build_datasets(config)
+        resume_from = self._checkpoint_to_resume(resume)
         with run_rng(seed=t.seed):  # the run's own random stream: the initialisation now, dropout in fit()
             if model is None:
                 model_config = model_config_for_data(config, self.train_set)
-                model = init_from_weights(model_config, t.init_weights) if t.init_weights else build(model_config)
+                model = build_for_training(model_config, t, resuming=resume_from is not None)
+                if self.is_main:
+                    _warn_random_frozen_batchnorm(model, t)
             self.rng: dict[str, Any] = capture_rng()
         self.model: Detector = model.to(self.device)
         self.config = RunConfig(model=self.model.config, data=config.data, loss=config.loss, train=t)
@@ -104,9 +114,9 @@ class Trainer:
         self.metrics: dict[str, float] = {}  # the latest evaluation's (the Evaluation listener sets them)
         self._stop_signal: int | None = None
         self._set_lr()
-        self.listeners = default_listeners(self) if listeners is None else list(listeners)
-        if resume:
-            self._resume(resume)
+        self.listeners = default_listeners(self, overwrite=overwrite) if listeners is None else list(listeners)
+        if resume_from is not None:
+            self.load_checkpoint(resume_from)
 
     # -- the model, checkpoints and stopping ----------------------------------------------------------------------
     def eval_model(self) -> Detector:
@@ -137,6 +147,7 @@ class Trainer:
 
     def load_checkpoint(self, path: Path) -> None:
         ckpt = read_checkpoint(path)
+        _check_same_model(ckpt.get("config", {}).get("model", {}), self.model.config, path)
         load_components(ckpt, path, model=self.model, optimizer=self.optimizer, scaler=self.scaler, ema=self.ema)
         self.state = TrainState(**ckpt["state"])
         self._set_lr()
@@ -145,12 +156,14 @@ class Trainer:
         if self.is_main:
             log.info("resumed from %s (epoch %d, step %d)", path, self.state.epoch + 1, self.state.global_step)
 
-    def _resume(self, resume: str) -> None:
+    def _checkpoint_to_resume(self, resume: str | None) -> Path | None:
+        """The checkpoint ``resume`` names: a path, the run directory's latest for ``"auto"``, or None."""
+        if not resume:
+            return None
         path = latest_checkpoint(self.run_dir / "checkpoints") if resume == "auto" else Path(resume)
-        if path is not None:
-            self.load_checkpoint(path)
-        elif self.is_main:
+        if path is None and self.is_main:
             log.info("resume=auto: no checkpoint in %s, starting a new run", self.run_dir / "checkpoints")
+        return path
 
     @property
     def stop_signal(self) -> int | None:
@@ -181,6 +194,8 @@ class Trainer:
             stats = self._train_epoch()
             if stats is None:
                 return False
+            if s.epoch + 1 == self.config.train.epochs:
+                self._check_the_end_is_finite()
             s.epoch += 1
             s.batches_done = 0
             record = {"type": "epoch", "epoch": s.epoch, "step": s.global_step, **stats}
@@ -198,7 +213,8 @@ class Trainer:
         self.criterion.train()
         self._notify("on_epoch_start", s.epoch, remaining // t.grad_accum_steps)
         sums: dict[str, float] = {}
-        updates = images = 0
+        counts: dict[str, int] = {}  # per term: a skipped update has only "loss" (NaN), not every term
+        images = 0
         start = time.perf_counter()
         updates_left = epoch_updates(
             self.seeded,
@@ -223,14 +239,14 @@ class Trainer:
             s.batches_done += len(batches)
             images += sum(b.pixel_values.shape[0] for b in batches) * dist.world_size()
             self._count_step(result.stepped)
-            updates += 1
             for k, v in result.losses.items():
-                sums[k] = sums.get(k, 0.0) + v
+                if math.isfinite(v):
+                    sums[k], counts[k] = sums.get(k, 0.0) + v, counts.get(k, 0) + 1
             self._notify("on_step_end", self._step_record(result, images / max(time.perf_counter() - start, 1e-9)))
             if _any_process(self._stop_signal is not None, self.device):  # all processes stop at the same step
                 self._notify("on_stop")
                 return None
-        return {f"train_{k}": v / max(1, updates) for k, v in sums.items()}
+        return {f"train_{k}": v / counts[k] for k, v in sums.items()}
 
     def _count_step(self, stepped: bool) -> None:
         """Advance the step and the learning rate; the divergence policy for skipped updates."""
@@ -248,9 +264,18 @@ class Trainer:
                     s.nonfinite_total,
                 )
             if s.nonfinite_in_a_row >= t.max_nonfinite_steps:
-                raise TrainingDiverged(_diverged_message(s.nonfinite_in_a_row, self.run_dir / "checkpoints"))
+                checkpoints = self.run_dir / "checkpoints"
+                raise TrainingDiverged(_diverged_message(s.nonfinite_in_a_row, s.global_step + 1, checkpoints))
         s.global_step += 1
         self._set_lr()
+
+    def _check_the_end_is_finite(self) -> None:
+        """A run that ends on a streak of skipped updates has diverged too: its last weights gave non-finite
+        losses until the end. The streak that stops a run is ``max_nonfinite_steps`` long, more than a short
+        run's last steps; at the end, ``END_STREAK`` are enough (a single bad last batch is not a divergence)."""
+        s, t = self.state, self.config.train
+        if s.nonfinite_in_a_row >= min(t.max_nonfinite_steps, END_STREAK):
+            raise TrainingDiverged(_diverged_message(s.nonfinite_in_a_row, s.global_step, self.run_dir / "checkpoints"))
 
     def _step_record(self, result: StepResult, images_per_s: float) -> dict[str, Any]:
         s = self.state
@@ -269,6 +294,117 @@ class Trainer:
             getattr(listener, event)(self, *args)
 
 
+# Skipped updates in a row that end a run as diverged (the policy's streak, train.max_nonfinite_steps, if smaller).
+END_STREAK = 3
+
+# What a failed download raises (urllib's URLError for DNS/refused connections; timeouts and resets directly).
+_NETWORK_ERRORS = (urllib.error.URLError, ConnectionError, TimeoutError)
+
+
+def build_for_training(model_config: ModelConfig, train: TrainConfig, *, resuming: bool) -> Detector:
+    """The run's model before its first step: fine-tuned from ``train.init_weights``, or built for ``model_config``.
+
+    The backbone's pre-trained weights (``model.backbone_weights``) are fetched only when they are used: not with
+    ``train.init_weights``, whose weights replace the backbone's, nor when a checkpoint will replace every weight
+    (the run's config still records them). A failed download names the weights, the cause and the fixes.
+    """
+    if train.init_weights:
+        return init_from_weights(model_config.replace(backbone_weights=None), train.init_weights)
+    if resuming and model_config.backbone_weights:
+        model = build(model_config.replace(backbone_weights=None))
+        model.config = model.config.replace(backbone_weights=model_config.backbone_weights)
+        return model
+    try:
+        return build(model_config)
+    except _NETWORK_ERRORS as e:
+        raise ConnectionError(_offline_message(model_config, e)) from e
+
+
+def _offline_message(config: ModelConfig, error: Exception) -> str:
+    import torchvision
+
+    reason = getattr(error, "reason", error)
+    try:
+        url = torchvision.models.get_model_weights(config.backbone)[config.backbone_weights].url
+        what, file = f"torchvision's {config.backbone} {config.backbone_weights} weights", url.rsplit("/", 1)[-1]
+    except (KeyError, ValueError, AttributeError):
+        what, file = f"the backbone weights {config.backbone_weights}", "the weights file"
+    cache = Path(torch.hub.get_dir()) / "checkpoints"
+    return (
+        f"model.backbone_weights={config.backbone_weights}: could not download {what} ({reason}); this machine "
+        f"seems to be offline. Either train the backbone from scratch with model.backbone_weights=null "
+        f"model.backbone_norm=batch, or put {file} in torch's hub cache ({cache}/) and run again."
+    )
+
+
+def _warn_random_frozen_batchnorm(model: Detector, train: TrainConfig) -> None:
+    """Frozen BatchNorm keeps the statistics it was built with: a random backbone's are 0 and 1, so its layers
+    normalise nothing (DETR freezes them because ImageNet weights bring real ones)."""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    frozen = any(isinstance(m, FrozenBatchNorm2d) for m in model.modules())
+    if frozen and not model.config.backbone_weights and not train.init_weights:
+        log.warning(
+            "the backbone has no pre-trained weights (model.backbone_weights=null) and frozen BatchNorm "
+            "(model.backbone_norm=frozen): random frozen statistics normalise nothing and training suffers. Use "
+            "model.backbone_norm=batch to train it from scratch, or ImageNet weights "
+            "(model.backbone_weights=IMAGENET1K_V1)"
+        )
+
+
+def _check_run_dir(run_dir: Path, *, resume: str | None, overwrite: bool) -> None:
+    """Refuse to start a new run in a folder that holds another (the two would mix in ``log.jsonl``, the curves
+    and the checkpoints that ``--resume auto`` picks), unless asked to continue it or to replace it."""
+    if resume and overwrite:
+        raise ValueError(
+            f"resume and overwrite exclude each other: --resume continues the run in {run_dir}, --overwrite replaces it"
+        )
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"train.output_dir {run_dir} is a file, not a folder: choose another train.output_dir")
+    used = dist.broadcast_object(run_outputs(run_dir) if dist.is_main_process() else [])  # rank 0's file system
+    if used and not resume and not overwrite:
+        raise ValueError(
+            f"{run_dir} already holds a run ({', '.join(used)}): pass --resume auto to continue it, or --overwrite "
+            "to replace it (or choose another train.output_dir)"
+        )
+    if used and resume and resume != "auto" and Path(resume).resolve().parent != (run_dir / "checkpoints").resolve():
+        raise ValueError(
+            f"--resume {resume} is not a checkpoint of the run in {run_dir}, which holds another run "
+            f"({', '.join(used)}): resume into the checkpoint's own run folder, or into a new train.output_dir"
+        )
+
+
+def _check_same_model(saved: dict[str, Any], current: ModelConfig, path: Path) -> None:
+    """Refuse a checkpoint of another model (architecture, shape-deciding fields, classes), naming each
+    difference; announce other model settings that changed since it was written."""
+    try:
+        before = ModelConfig.from_dict(saved).to_dict()
+    except (TypeError, ValueError):
+        before = dict(saved)
+    now = current.to_dict()
+    keys = [k for k in now if k != "options"]
+    options = sorted(set(before.get("options") or {}) | set(now["options"]), key=str)
+    changed = [k for k in keys if before.get(k) != now[k]]
+    changed += [f"options.{k}" for k in options if (before.get("options") or {}).get(k) != now["options"].get(k)]
+    if not changed:
+        return
+    decisive = {"arch", "num_classes", "category_ids"} | set(shape_fields(current.arch))
+
+    def value(config: dict[str, Any], key: str) -> Any:
+        return (config.get("options") or {}).get(key[8:]) if key.startswith("options.") else config.get(key)
+
+    def listed(keys: list[str]) -> str:
+        return "; ".join(f"model.{k} {value(before, k)!r} there, {value(now, k)!r} here" for k in keys)
+
+    refused = [k for k in changed if k in decisive]
+    if refused:
+        raise ValueError(
+            f"{path} is a checkpoint of another model: {listed(refused)}. Resume with the config it was trained "
+            "with (its run's config.yaml), or start a new run: --overwrite, or another train.output_dir"
+        )
+    log.warning("resuming %s with changed model settings: %s", path, listed(changed))
+
+
 def _any_process(flag: bool, device: torch.device) -> bool:
     """Whether ``flag`` is set on any process (torchrun forwards signals, but they may land between steps)."""
     if not dist.is_distributed():
@@ -278,10 +414,20 @@ def _any_process(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
-def _diverged_message(in_a_row: int, checkpoints: Path) -> str:
+def _diverged_message(in_a_row: int, last_step: int, checkpoints: Path) -> str:
+    latest = latest_checkpoint(checkpoints)
+    first_bad = last_step - in_a_row + 1
+    if latest is None:
+        where = "No checkpoint was written yet."
+    else:
+        step = int(latest.stem.removeprefix("step-")) if latest.stem.removeprefix("step-").isdigit() else -1
+        before = ", before the first skipped step" if 0 <= step < first_bad else ""
+        where = (
+            f"The latest checkpoint, {latest}, is from step {step}{before}; after the fix, resume with --resume auto."
+        )
     return (
-        f"{in_a_row} consecutive steps had a non-finite loss or gradient; training stopped. Check: the learning "
-        "rate (train.lr, train.warmup_steps), gradient clipping (train.clip_max_norm), mixed precision (try "
-        "train.amp=none or bf16 instead of fp16), and the annotations (boxes with zero or negative size). The last "
-        f"good checkpoint in {checkpoints} is intact; resume from it with --resume auto."
+        f"{in_a_row} consecutive steps (steps {first_bad}-{last_step}) had a non-finite loss or gradient; training "
+        "stopped. Check: the learning rate (train.lr, train.warmup_steps), gradient clipping (train.clip_max_norm), "
+        "mixed precision (try train.amp=none or bf16 instead of fp16), and the annotations (boxes with zero or "
+        f"negative size). {where}"
     )

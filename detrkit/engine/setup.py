@@ -24,7 +24,10 @@ from .state import seed_everything
 
 def setup_run(train: TrainConfig) -> torch.device:
     """Set up the process for ``train``; returns the device this process trains on."""
-    device = dist.init_from_env(train.device)
+    try:
+        device = dist.init_from_env(train.device)
+    except ValueError as e:
+        raise ValueError(f"train.device={train.device}: {e}") from e
     if train.deterministic:
         if device.type == "cuda":
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by cuBLAS for determinism
@@ -41,7 +44,10 @@ def default_device(train: TrainConfig) -> torch.device:
             "launched by torchrun but no process group: call detrkit.engine.setup_run(config.train) first and pass "
             "its device to Trainer"
         )
-    device = torch.device(train.device if train.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = dist.resolve_device(train.device)
+    except ValueError as e:
+        raise ValueError(f"train.device={train.device}: {e}") from e
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     return device

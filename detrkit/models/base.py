@@ -131,14 +131,17 @@ class Detector(nn.Module):
             self._channels_last = True
         self._inference_bf16 = bf16
         if compile:
-            self._compiled = torch.compile(self)
+            # Kept outside the module tree: assigned as usual, the compiled wrapper (a module holding this model)
+            # would be registered as a submodule, the model its own descendant: eval() and state_dict() recurse.
+            object.__setattr__(self, "_compiled", torch.compile(self))
         return self
 
     def _inference_forward(self, pixel_values: Tensor, padding_mask: Tensor) -> dict[str, Any]:
         """``forward`` with the settings of ``optimize_for_inference`` (none by default)."""
         if getattr(self, "_channels_last", False):
             pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
-        forward = getattr(self, "_compiled", None) or self
+        compiled = getattr(self, "_compiled", None)
+        forward = self if compiled is None else compiled  # not `or`: a compiled module refuses bool() (len())
         if getattr(self, "_inference_bf16", False):
             with torch.autocast(pixel_values.device.type, dtype=torch.bfloat16):
                 outputs = forward(pixel_values, padding_mask)
