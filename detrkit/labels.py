@@ -14,10 +14,12 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class LabelMap:
-    """Contiguous label ``i`` is dataset category ``category_ids[i]`` called ``names[i]``."""
+    """Contiguous label ``i`` is dataset category ``category_ids[i]`` called ``names[i]``; for panoptic data
+    ``isthing[i]`` says whether it is a countable "thing" (True) or amorphous "stuff" (False), None otherwise."""
 
     category_ids: tuple[int, ...]
     names: tuple[str, ...]
+    isthing: tuple[bool, ...] | None = None
     _index: dict[int, int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -27,6 +29,13 @@ class LabelMap:
             raise ValueError(
                 f"LabelMap needs one name per category id: got {len(self.category_ids)} ids and {len(self.names)} names"
             )
+        if self.isthing is not None:
+            object.__setattr__(self, "isthing", tuple(bool(t) for t in self.isthing))
+            if len(self.isthing) != len(self.category_ids):
+                raise ValueError(
+                    f"LabelMap needs one isthing flag per category: got {len(self.isthing)} for "
+                    f"{len(self.category_ids)} categories"
+                )
         if len(set(self.category_ids)) != len(self.category_ids):
             raise ValueError(f"LabelMap category ids must be unique: {list(self.category_ids)}")
         object.__setattr__(self, "_index", {c: i for i, c in enumerate(self.category_ids)})
@@ -35,7 +44,8 @@ class LabelMap:
     def from_coco_categories(cls, categories: list[dict]) -> LabelMap:
         """Build from a COCO ``categories`` list, ordered by id (the order the official code uses)."""
         cats = sorted(categories, key=lambda c: int(c["id"]))
-        return cls(tuple(int(c["id"]) for c in cats), tuple(str(c.get("name", c["id"])) for c in cats))
+        isthing = tuple(bool(c["isthing"]) for c in cats) if cats and all("isthing" in c for c in cats) else None
+        return cls(tuple(int(c["id"]) for c in cats), tuple(str(c.get("name", c["id"])) for c in cats), isthing=isthing)
 
     @classmethod
     def default(cls, num_classes: int) -> LabelMap:
@@ -58,8 +68,12 @@ class LabelMap:
         return self.category_ids[int(label)]
 
     def to_dict(self) -> dict:
-        return {"category_ids": list(self.category_ids), "names": list(self.names)}
+        d = {"category_ids": list(self.category_ids), "names": list(self.names)}
+        if self.isthing is not None:
+            d["isthing"] = list(self.isthing)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> LabelMap:
-        return cls(tuple(d["category_ids"]), tuple(d["names"]))
+        isthing = d.get("isthing")
+        return cls(tuple(d["category_ids"]), tuple(d["names"]), isthing=tuple(isthing) if isthing else None)
