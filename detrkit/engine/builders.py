@@ -2,24 +2,27 @@
 
 Each builder is a function of the config (and what it needs besides); none changes global state.
 
-Layer: engine. Imports: config, the building blocks (criterion, matcher, data, doctor, transforms), models, and
-``schedule``.
+Layer: engine. Imports: config, the building blocks (criterion, matcher, data, doctor, transforms), models,
+``checkpoint`` (io) and ``schedule``.
 """
 
 from __future__ import annotations
 
 import logging
+import urllib.error
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .. import distributed as dist
+from ..checkpoint import build, init_from_weights
 from ..config import ModelConfig, RunConfig, TrainConfig
 from ..criterion import SetCriterion
 from ..data import CocoDetection
 from ..doctor import check_loaded_dataset
 from ..matcher import HungarianMatcher
+from ..models import Detector
 from ..transforms import eval_transforms, train_transforms
 from .schedule import param_groups
 
@@ -154,3 +157,58 @@ def build_ema(model: nn.Module, train: TrainConfig) -> torch.optim.swa_utils.Ave
     return torch.optim.swa_utils.AveragedModel(
         model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(train.ema_decay), use_buffers=True
     )
+
+
+# What a failed download raises (urllib's URLError for DNS/refused connections; timeouts and resets directly).
+_NETWORK_ERRORS = (urllib.error.URLError, ConnectionError, TimeoutError)
+
+
+def build_for_training(model_config: ModelConfig, train: TrainConfig, *, resuming: bool) -> Detector:
+    """The run's model before its first step: fine-tuned from ``train.init_weights``, or built for ``model_config``.
+
+    The backbone's pre-trained weights (``model.backbone_weights``) are fetched only when they are used: not with
+    ``train.init_weights``, whose weights replace the backbone's, nor when a checkpoint will replace every weight
+    (the run's config still records them). A failed download names the weights, the cause and the fixes.
+    """
+    if train.init_weights:
+        return init_from_weights(model_config.replace(backbone_weights=None), train.init_weights)
+    if resuming and model_config.backbone_weights:
+        model = build(model_config.replace(backbone_weights=None))
+        model.config = model.config.replace(backbone_weights=model_config.backbone_weights)
+        return model
+    try:
+        return build(model_config)
+    except _NETWORK_ERRORS as e:
+        raise ConnectionError(_offline_message(model_config, e)) from e
+
+
+def _offline_message(config: ModelConfig, error: Exception) -> str:
+    import torchvision
+
+    reason = getattr(error, "reason", error)
+    try:
+        url = torchvision.models.get_model_weights(config.backbone)[config.backbone_weights].url
+        what, file = f"torchvision's {config.backbone} {config.backbone_weights} weights", url.rsplit("/", 1)[-1]
+    except (KeyError, ValueError, AttributeError):
+        what, file = f"the backbone weights {config.backbone_weights}", "the weights file"
+    cache = Path(torch.hub.get_dir()) / "checkpoints"
+    return (
+        f"model.backbone_weights={config.backbone_weights}: could not download {what} ({reason}); this machine "
+        f"seems to be offline. Either train the backbone from scratch with model.backbone_weights=null "
+        f"model.backbone_norm=batch, or put {file} in torch's hub cache ({cache}/) and run again."
+    )
+
+
+def warn_random_frozen_batchnorm(model: Detector, train: TrainConfig) -> None:
+    """Frozen BatchNorm keeps the statistics it was built with: a random backbone's are 0 and 1, so its layers
+    normalise nothing (DETR freezes them because ImageNet weights bring real ones)."""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    frozen = any(isinstance(m, FrozenBatchNorm2d) for m in model.modules())
+    if frozen and not model.config.backbone_weights and not train.init_weights:
+        log.warning(
+            "the backbone has no pre-trained weights (model.backbone_weights=null) and frozen BatchNorm "
+            "(model.backbone_norm=frozen): random frozen statistics normalise nothing and training suffers. Use "
+            "model.backbone_norm=batch to train it from scratch, or ImageNet weights "
+            "(model.backbone_weights=IMAGENET1K_V1)"
+        )

@@ -40,25 +40,12 @@ from ..config import RunConfig
 from ..data import CocoDetection
 from ..evaluation import COCO_METRIC_KEYS, Progress, evaluate_model, write_metrics
 from ..models import Detector
+from .run_folder import run_outputs
 from .state import TrainState
 
 log = logging.getLogger("detrkit")
 
 Record = dict[str, Any]  # a log.jsonl line: {"type": "step" | "epoch", "epoch", "step", ...}
-
-# What a run writes into its folder (train.output_dir). A folder holding any of them holds a run: a new run there
-# is refused unless it resumes that run or replaces it (``Trainer(resume=..., overwrite=...)``).
-RUN_OUTPUTS = ("config.yaml", "log.jsonl", "checkpoints", "metrics.json", "curves.png", "best", "model", "tensorboard")
-
-
-def run_outputs(run_dir: Path) -> list[str]:
-    """The run outputs already in ``run_dir`` (folders with a trailing ``/``; empty ones do not count)."""
-    found = []
-    for name in RUN_OUTPUTS:
-        path = run_dir / name
-        if path.is_file() or (path.is_dir() and any(path.iterdir())):
-            found.append(f"{name}/" if path.is_dir() else name)
-    return found
 
 
 class TrainerView(Protocol):

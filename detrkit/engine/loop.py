@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-import urllib.error
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,20 +29,22 @@ from typing import Any
 import torch
 
 from .. import distributed as dist
-from ..checkpoint import build, init_from_weights
-from ..config import ModelConfig, RunConfig, TrainConfig
-from ..models import Detector, shape_fields
+from ..config import RunConfig
+from ..models import Detector
 from .builders import (
     build_criterion,
     build_datasets,
     build_ema,
+    build_for_training,
     build_optimizer,
     build_scaler,
     model_config_for_data,
+    warn_random_frozen_batchnorm,
     wrap_distributed,
 )
 from .checkpoints import checkpoint_payload, latest_checkpoint, load_components, read_checkpoint, write_checkpoint
-from .listeners import Listener, default_listeners, run_outputs
+from .listeners import Listener, default_listeners
+from .run_folder import check_run_dir, check_same_model
 from .sampling import EpochSampler, SeededDataset, batches_per_epoch, epoch_updates
 from .schedule import lr_factor
 from .setup import default_device
@@ -85,7 +86,7 @@ class Trainer:
         self.device = device if device is not None else default_device(t)
         self.is_main = dist.is_main_process()
         self.run_dir = Path(t.output_dir)
-        _check_run_dir(self.run_dir, resume=resume, overwrite=overwrite)  # before any data is read
+        check_run_dir(self.run_dir, resume=resume, overwrite=overwrite)  # before any data is read
         self.train_set, self.val_set = build_datasets(config)
         resume_from = self._checkpoint_to_resume(resume)
         with run_rng(seed=t.seed):  # the run's own random stream: the initialisation now, dropout in fit()
@@ -93,7 +94,7 @@ class Trainer:
                 model_config = model_config_for_data(config, self.train_set)
                 model = build_for_training(model_config, t, resuming=resume_from is not None)
                 if self.is_main:
-                    _warn_random_frozen_batchnorm(model, t)
+                    warn_random_frozen_batchnorm(model, t)
             self.rng: dict[str, Any] = capture_rng()
         self.model: Detector = model.to(self.device)
         self.config = RunConfig(model=self.model.config, data=config.data, loss=config.loss, train=t)
@@ -147,7 +148,7 @@ class Trainer:
 
     def load_checkpoint(self, path: Path) -> None:
         ckpt = read_checkpoint(path)
-        _check_same_model(ckpt.get("config", {}).get("model", {}), self.model.config, path)
+        check_same_model(ckpt.get("config", {}).get("model", {}), self.model.config, path)
         load_components(ckpt, path, model=self.model, optimizer=self.optimizer, scaler=self.scaler, ema=self.ema)
         self.state = TrainState(**ckpt["state"])
         self._set_lr()
@@ -296,113 +297,6 @@ class Trainer:
 
 # Skipped updates in a row that end a run as diverged (the policy's streak, train.max_nonfinite_steps, if smaller).
 END_STREAK = 3
-
-# What a failed download raises (urllib's URLError for DNS/refused connections; timeouts and resets directly).
-_NETWORK_ERRORS = (urllib.error.URLError, ConnectionError, TimeoutError)
-
-
-def build_for_training(model_config: ModelConfig, train: TrainConfig, *, resuming: bool) -> Detector:
-    """The run's model before its first step: fine-tuned from ``train.init_weights``, or built for ``model_config``.
-
-    The backbone's pre-trained weights (``model.backbone_weights``) are fetched only when they are used: not with
-    ``train.init_weights``, whose weights replace the backbone's, nor when a checkpoint will replace every weight
-    (the run's config still records them). A failed download names the weights, the cause and the fixes.
-    """
-    if train.init_weights:
-        return init_from_weights(model_config.replace(backbone_weights=None), train.init_weights)
-    if resuming and model_config.backbone_weights:
-        model = build(model_config.replace(backbone_weights=None))
-        model.config = model.config.replace(backbone_weights=model_config.backbone_weights)
-        return model
-    try:
-        return build(model_config)
-    except _NETWORK_ERRORS as e:
-        raise ConnectionError(_offline_message(model_config, e)) from e
-
-
-def _offline_message(config: ModelConfig, error: Exception) -> str:
-    import torchvision
-
-    reason = getattr(error, "reason", error)
-    try:
-        url = torchvision.models.get_model_weights(config.backbone)[config.backbone_weights].url
-        what, file = f"torchvision's {config.backbone} {config.backbone_weights} weights", url.rsplit("/", 1)[-1]
-    except (KeyError, ValueError, AttributeError):
-        what, file = f"the backbone weights {config.backbone_weights}", "the weights file"
-    cache = Path(torch.hub.get_dir()) / "checkpoints"
-    return (
-        f"model.backbone_weights={config.backbone_weights}: could not download {what} ({reason}); this machine "
-        f"seems to be offline. Either train the backbone from scratch with model.backbone_weights=null "
-        f"model.backbone_norm=batch, or put {file} in torch's hub cache ({cache}/) and run again."
-    )
-
-
-def _warn_random_frozen_batchnorm(model: Detector, train: TrainConfig) -> None:
-    """Frozen BatchNorm keeps the statistics it was built with: a random backbone's are 0 and 1, so its layers
-    normalise nothing (DETR freezes them because ImageNet weights bring real ones)."""
-    from torchvision.ops.misc import FrozenBatchNorm2d
-
-    frozen = any(isinstance(m, FrozenBatchNorm2d) for m in model.modules())
-    if frozen and not model.config.backbone_weights and not train.init_weights:
-        log.warning(
-            "the backbone has no pre-trained weights (model.backbone_weights=null) and frozen BatchNorm "
-            "(model.backbone_norm=frozen): random frozen statistics normalise nothing and training suffers. Use "
-            "model.backbone_norm=batch to train it from scratch, or ImageNet weights "
-            "(model.backbone_weights=IMAGENET1K_V1)"
-        )
-
-
-def _check_run_dir(run_dir: Path, *, resume: str | None, overwrite: bool) -> None:
-    """Refuse to start a new run in a folder that holds another (the two would mix in ``log.jsonl``, the curves
-    and the checkpoints that ``--resume auto`` picks), unless asked to continue it or to replace it."""
-    if resume and overwrite:
-        raise ValueError(
-            f"resume and overwrite exclude each other: --resume continues the run in {run_dir}, --overwrite replaces it"
-        )
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ValueError(f"train.output_dir {run_dir} is a file, not a folder: choose another train.output_dir")
-    used = dist.broadcast_object(run_outputs(run_dir) if dist.is_main_process() else [])  # rank 0's file system
-    if used and not resume and not overwrite:
-        raise ValueError(
-            f"{run_dir} already holds a run ({', '.join(used)}): pass --resume auto to continue it, or --overwrite "
-            "to replace it (or choose another train.output_dir)"
-        )
-    if used and resume and resume != "auto" and Path(resume).resolve().parent != (run_dir / "checkpoints").resolve():
-        raise ValueError(
-            f"--resume {resume} is not a checkpoint of the run in {run_dir}, which holds another run "
-            f"({', '.join(used)}): resume into the checkpoint's own run folder, or into a new train.output_dir"
-        )
-
-
-def _check_same_model(saved: dict[str, Any], current: ModelConfig, path: Path) -> None:
-    """Refuse a checkpoint of another model (architecture, shape-deciding fields, classes), naming each
-    difference; announce other model settings that changed since it was written."""
-    try:
-        before = ModelConfig.from_dict(saved).to_dict()
-    except (TypeError, ValueError):
-        before = dict(saved)
-    now = current.to_dict()
-    keys = [k for k in now if k != "options"]
-    options = sorted(set(before.get("options") or {}) | set(now["options"]), key=str)
-    changed = [k for k in keys if before.get(k) != now[k]]
-    changed += [f"options.{k}" for k in options if (before.get("options") or {}).get(k) != now["options"].get(k)]
-    if not changed:
-        return
-    decisive = {"arch", "num_classes", "category_ids"} | set(shape_fields(current.arch))
-
-    def value(config: dict[str, Any], key: str) -> Any:
-        return (config.get("options") or {}).get(key[8:]) if key.startswith("options.") else config.get(key)
-
-    def listed(keys: list[str]) -> str:
-        return "; ".join(f"model.{k} {value(before, k)!r} there, {value(now, k)!r} here" for k in keys)
-
-    refused = [k for k in changed if k in decisive]
-    if refused:
-        raise ValueError(
-            f"{path} is a checkpoint of another model: {listed(refused)}. Resume with the config it was trained "
-            "with (its run's config.yaml), or start a new run: --overwrite, or another train.output_dir"
-        )
-    log.warning("resuming %s with changed model settings: %s", path, listed(changed))
 
 
 def _any_process(flag: bool, device: torch.device) -> bool:
