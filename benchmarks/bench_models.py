@@ -36,7 +36,9 @@ from detrkit.config import LossConfig, RunConfig
 from detrkit.engine import build_criterion
 from detrkit.models import architectures
 
-ARCHS = ("detr", "conditional_detr", "deformable_detr", "yolos")
+ARCHS = ("detr", "conditional_detr", "deformable_detr", "yolos", "detr_panoptic")
+# Rows that are an architecture with an option: inference only (the segmentation model against DetrForSegmentation)
+VARIANTS = {"detr_panoptic": "detr"}
 
 
 def hf_model(arch: str) -> torch.nn.Module:
@@ -44,6 +46,8 @@ def hf_model(arch: str) -> torch.nn.Module:
     torch.manual_seed(0)
     if arch == "detr":
         return transformers.DetrForObjectDetection(transformers.DetrConfig(use_timm_backbone=False, num_labels=91))
+    if arch == "detr_panoptic":  # detr-resnet-50-panoptic's architecture: 250 panoptic labels, the mask head
+        return transformers.DetrForSegmentation(transformers.DetrConfig(use_timm_backbone=False, num_labels=250))
     if arch == "conditional_detr":
         cfg = transformers.ConditionalDetrConfig(use_timm_backbone=False, num_labels=91)
         return transformers.ConditionalDetrForObjectDetection(cfg)
@@ -90,7 +94,10 @@ def bench_inference(arch: str, runs: int) -> None:
     for h, w in ((800, 1216), (512, 512)):
         x = torch.randn(1, 3, h, w)
         with torch.inference_mode():
-            diff = (hf(pixel_values=x).logits - ours(x)["pred_logits"]).abs().max().item()
+            ref, out = hf(pixel_values=x), ours(x)
+            diff = (ref.logits - out["pred_logits"]).abs().max().item()
+            if "pred_masks" in out:  # the segmentation model: its masks too
+                diff = max(diff, (ref.pred_masks - out["pred_masks"]).abs().max().item())
 
         def run(fn: Callable[[], object]) -> Callable[[], None]:
             def timed() -> None:
@@ -105,7 +112,7 @@ def bench_inference(arch: str, runs: int) -> None:
         print(
             f"{arch} inference {h}x{w} batch=1: detrkit {t['detrkit'] * 1e3:.0f} ms, "
             f"transformers {t['transformers'] * 1e3:.0f} ms, ratio {t['detrkit'] / t['transformers']:.2f} "
-            f"(max |logit diff| {diff:.1e})",
+            f"(max |logit{' and mask' if arch in VARIANTS else ''} diff| {diff:.1e})",
             flush=True,
         )
 
@@ -236,11 +243,13 @@ def main() -> None:
         _peak_rss_child(*args.child)
         return
     for arch in args.arch:
-        if arch not in architectures():
+        if VARIANTS.get(arch, arch) not in architectures():
             print(f"{arch}: not implemented in this detrkit, skipped", flush=True)
             continue
         if not args.skip_inference:
             bench_inference(arch, args.runs)
+        if arch in VARIANTS:
+            continue
         if not args.skip_train:
             bench_training(arch, args.runs)
         if args.memory:

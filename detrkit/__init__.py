@@ -43,6 +43,7 @@ def build(
             "num_classes": label_map.num_classes,
             "category_ids": label_map.category_ids,
             "class_names": label_map.names,
+            "class_isthing": label_map.isthing,
             **overrides,
         }
     if overrides:

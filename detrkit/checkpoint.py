@@ -33,6 +33,7 @@ from .files import (
     save_pretrained,
 )
 from .models import Detector, build_model, fine_tuning_config
+from .models.segmentation import MASK_HEAD_PREFIXES
 
 log = logging.getLogger("detrkit")
 
@@ -229,9 +230,15 @@ def init_from_weights(model_config: ModelConfig, weights: str) -> Detector:
     for k in reinit:
         state.pop(k, None)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or set(missing) - set(reinit):
+    # a detector's weights fine-tuned with a mask head (the paper's second stage): the head starts from scratch
+    stage_two = model.config.masks and not source.config.masks
+    new_head = [k for k in missing if stage_two and k.startswith(MASK_HEAD_PREFIXES)]
+    if new_head:
+        log.info("fine-tuning from %s: the mask head is new (%d tensors, random)", weights, len(new_head))
+    if unexpected or set(missing) - set(reinit) - set(new_head):
         raise ValueError(
-            f"weights {weights} do not fit: missing {sorted(set(missing) - set(reinit))}, unexpected {unexpected}"
+            f"weights {weights} do not fit: missing {sorted(set(missing) - set(reinit) - set(new_head))}, "
+            f"unexpected {unexpected}"
         )
     if reinit:
         log.warning(

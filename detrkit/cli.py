@@ -55,33 +55,53 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluation import evaluate_model, evaluate_results_file, write_metrics
+    from .evaluation import evaluate_model, evaluate_panoptic, evaluate_results_file, write_metrics
 
     out = Path(args.out)
+    task = args.task
+    if task != "panoptic" and (args.gt_dir or args.results_dir):
+        raise CliError("detrkit eval: --gt-dir and --results-dir are PNG folders of --task panoptic")
     if args.results:
-        metrics = evaluate_results_file(args.annotations, args.results)
+        if task == "panoptic":
+            metrics = evaluate_panoptic(args.annotations, args.gt_dir, args.results, args.results_dir)
+        else:
+            metrics = evaluate_results_file(args.annotations, args.results, iou_type=task)
     else:
         if not args.weights or not args.images:
             raise CliError("detrkit eval: give --results FILE, or --weights W and --images DIR")
+        if args.results_dir:
+            raise CliError("detrkit eval: --results-dir is the PNG folder of --results")
         from .checkpoint import load
-        from .data import CocoDetection
         from .transforms import eval_transforms
 
         device = _device(args)
         model = _optimized(load(args.weights, map_location=device), args)
         size = args.size or model.config.image_size
         max_size = args.max_size or model.config.max_size
-        dataset = CocoDetection(args.images, args.annotations, transforms=eval_transforms(size=size, max_size=max_size))
-        if dataset.label_map.category_ids != model.label_map.category_ids:
-            log.warning(
-                "the model's category ids (%d classes) differ from the annotation file's (%d): "
-                "detections of ids the annotations do not have are ignored by COCO evaluation",
-                model.config.num_classes,
-                dataset.num_classes,
-            )
-        metrics, results = evaluate_model(model, dataset, batch_size=args.batch_size, device=device, progress=True)
+        transforms = eval_transforms(size=size, max_size=max_size)
+        run = {"batch_size": args.batch_size, "device": device, "progress": True, "task": task}
         out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps(results))
+        if task == "panoptic":
+            from .evaluation import CocoImages
+
+            # The predictions are kept as OUT/panoptic.json + OUT/panoptic/ (--results of a later eval).
+            dataset = CocoImages(args.images, args.annotations, transforms=transforms)
+            metrics, _ = evaluate_model(
+                model, dataset, panoptic_gt_dir=args.gt_dir, panoptic_output=out / "panoptic.json", **run
+            )
+        else:
+            from .data import CocoDetection
+
+            dataset = CocoDetection(args.images, args.annotations, transforms=transforms)
+            if dataset.label_map.category_ids != model.label_map.category_ids:
+                log.warning(
+                    "the model's category ids (%d classes) differ from the annotation file's (%d): "
+                    "detections of ids the annotations do not have are ignored by COCO evaluation",
+                    model.config.num_classes,
+                    dataset.num_classes,
+                )
+            metrics, results = evaluate_model(model, dataset, **run)
+            (out / "results.json").write_text(json.dumps(results))
     write_metrics(metrics, out / "metrics.json")
     print(_metrics_table(metrics))
     print(f"wrote {out / 'metrics.json'}")
@@ -207,9 +227,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .demo import run_demo, run_panoptic_demo
 
-    run_demo(out_dir=Path(args.out), overrides=args.overrides)
+    if args.task == "panoptic":
+        run_panoptic_demo(out_dir=Path(args.out or "demo_run_panoptic"), overrides=args.overrides)
+    else:
+        run_demo(out_dir=Path(args.out or "demo_run"), overrides=args.overrides)
     return 0
 
 
@@ -354,15 +377,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser(
         "eval",
-        help="COCO bbox metrics of weights on a dataset, or of a results JSON",
-        description="Evaluate --weights on --images/--annotations, or an existing COCO results JSON (--results) "
-        "against --annotations. Prints the 12 COCO numbers and writes OUT/metrics.json (and OUT/results.json "
-        "when it ran a model).",
+        help="COCO bbox, mask (segm) or panoptic metrics of weights on a dataset, or of a results JSON",
+        description="Evaluate --weights on --images/--annotations, or an existing results JSON (--results) "
+        "against --annotations. --task bbox and segm print the 12 COCO numbers (pycocotools' iouType bbox / "
+        "segm); --task panoptic prints PQ, SQ, RQ for all categories, things and stuff (panopticapi's "
+        "pq_compute; --annotations is then the panoptic JSON, its PNGs in the folder of the same name without "
+        ".json unless --gt-dir says otherwise, and likewise --results with --results-dir). Writes "
+        "OUT/metrics.json, and when it ran a model OUT/results.json (bbox, segm) or OUT/panoptic.json with "
+        "the PNG folder OUT/panoptic/ (panoptic).",
     )
-    e.add_argument("--annotations", required=True, help="COCO instances JSON with the ground truth")
+    e.add_argument("--task", choices=["bbox", "segm", "panoptic"], default="bbox", help="what to score (default: bbox)")
+    e.add_argument("--annotations", required=True, help="COCO instances JSON (panoptic: panoptic JSON) of the truth")
     e.add_argument("--weights", help="detrkit folder, transformers folder, official .pth or Hub id")
     e.add_argument("--images", help="image folder of the annotation file")
-    e.add_argument("--results", help="a COCO results JSON to evaluate instead of running a model")
+    e.add_argument("--results", help="a COCO results JSON (panoptic: panoptic JSON) to evaluate instead of a model")
+    e.add_argument("--results-dir", help="panoptic: the PNG folder of --results (default: its path without .json)")
+    e.add_argument("--gt-dir", help="panoptic: the PNG folder of --annotations (default: its path without .json)")
     e.add_argument("--out", default="eval", help="output folder (default: eval)")
     e.add_argument("--batch-size", type=_positive_int, default=2, help="images per forward pass (default: 2)")
     e.add_argument("--size", type=_positive_int, help="shorter image side (default: the model's)")
@@ -417,7 +447,13 @@ def build_parser() -> argparse.ArgumentParser:
         "demo config on it, evaluates on its val split and writes metrics.json, curves.png and val images with "
         "predicted boxes to OUT/run.",
     )
-    d.add_argument("--out", default="demo_run", help="output folder (default: demo_run)")
+    d.add_argument(
+        "--task",
+        choices=("detection", "panoptic"),
+        default="detection",
+        help="detection (Deformable DETR on shapes; the default) or panoptic (with a mask head: PQ, mask AP)",
+    )
+    d.add_argument("--out", default=None, help="output folder (default: demo_run, or demo_run_panoptic)")
     d.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides of the demo config")
     d.set_defaults(func=cmd_demo)
 

@@ -69,6 +69,9 @@ class ModelConfig:
     # Dataset category id and name of each contiguous label; None means labels are their own ids.
     category_ids: tuple[int, ...] | None = None
     class_names: tuple[str, ...] | None = None
+    # Which classes are countable "things" (True) and which amorphous "stuff" (False), for panoptic
+    # post-processing (stuff segments of one class are merged); None when the dataset does not say.
+    class_isthing: tuple[bool, ...] | None = None
     backbone: str = "resnet50"
     dilation: bool = False  # DC5: stride 16 in the last stage
     # Which ResNet stage feeds the transformer: 4 (stride 32, the paper) or 3 (stride 16: finer, for small images).
@@ -98,9 +101,16 @@ class ModelConfig:
     # Inference defaults travel with the model so `predict` resizes the way the model was trained.
     image_size: int = 800
     max_size: int = 1333
+    # Panoptic post-processing keeps the queries scoring above this (the reference's 0.85 for softmax DETR; focal
+    # models trained briefly score lower): an inference default that travels with the model, like image_size.
+    panoptic_threshold: float = 0.85
     # Options of an architecture that are not fields here: validated by its ``Architecture.options`` dataclass.
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
     # -- ResNet architectures (DETR, Conditional DETR, Deformable DETR) ---------------------------------------
+    # The DETR paper's mask head (section 4.4): one mask-logit map per query at stride 4, ``pred_masks``.
+    masks: bool = False
+    # Train only the mask head (the paper's second stage): every other parameter gets requires_grad=False.
+    freeze_detector: bool = False
     # -- Deformable DETR ---------------------------------------------------------------------------------------
     num_feature_levels: int = 4  # backbone stages at strides 8/16/32 (+ extra stride-64 levels up to this count)
     enc_points: int = 4  # sampling points per head and level in the encoder's deformable attention
@@ -127,6 +137,7 @@ class ModelConfig:
         _check_range(self, "model", "hidden_dim", low=1)
         _check_range(self, "model", "ffn_dim", low=1)
         _check_range(self, "model", "trainable_stages", low=0, high=5)
+        _check_range(self, "model", "panoptic_threshold", low=0, high=1)
         _check_range(self, "model", "position_temperature", low=0, low_open=True)
         for name in ("dropout", "attention_dropout", "activation_dropout"):
             _check_range(self, "model", name, low=0, high=1, high_open=True)
@@ -160,6 +171,16 @@ class ModelConfig:
                 raise ValueError(
                     f"class_names has {len(self.class_names)} entries but num_classes is {self.num_classes}"
                 )
+        if self.class_isthing is not None:
+            if not all(isinstance(t, (bool, int)) and t in (True, False) for t in self.class_isthing):
+                raise ValueError(f"class_isthing must hold true/false flags, got {list(self.class_isthing)}")
+            object.__setattr__(self, "class_isthing", tuple(bool(t) for t in self.class_isthing))
+            if len(self.class_isthing) != self.num_classes:
+                raise ValueError(
+                    f"class_isthing has {len(self.class_isthing)} entries but num_classes is {self.num_classes}"
+                )
+        if self.freeze_detector and not self.masks:
+            raise ValueError("freeze_detector trains the mask head alone: it needs masks=True")
 
     @property
     def focal(self) -> bool:
@@ -171,7 +192,7 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        for k in ("category_ids", "class_names", "pretrain_image_size"):
+        for k in ("category_ids", "class_names", "class_isthing", "pretrain_image_size"):
             if d[k] is not None:
                 d[k] = list(d[k])
         return d
@@ -199,10 +220,13 @@ class LossConfig:
     eos_coef: float = 0.1  # weight of the no-object class in the cross-entropy
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
+    weight_mask: float = 1.0  # per-pixel sigmoid focal loss on matched masks (models with masks only)
+    weight_dice: float = 1.0  # DICE loss on matched masks (models with masks only)
 
     def __post_init__(self) -> None:
         _check_finite(self, "loss")
-        for name in ("cost_class", "cost_bbox", "cost_giou", "weight_ce", "weight_bbox", "weight_giou", "focal_gamma"):
+        weights = ("weight_ce", "weight_bbox", "weight_giou", "weight_mask", "weight_dice")
+        for name in ("cost_class", "cost_bbox", "cost_giou", *weights, "focal_gamma"):
             _check_range(self, "loss", name, low=0)
         _check_range(self, "loss", "eos_coef", low=0, high=1, low_open=True)
         _check_range(self, "loss", "focal_alpha", low=0, high=1)
@@ -212,10 +236,16 @@ class LossConfig:
 class DataConfig:
     """Where the COCO-format data is and how it is augmented (the DETR recipe by default)."""
 
+    # "coco": a COCO instances JSON (boxes; masks from its segmentations when the model has masks); "coco_panoptic":
+    # a COCO panoptic JSON with its PNG folder (things and stuff segments as masks).
+    format: str = "coco"
     train_images: str = ""
     train_annotations: str = ""
     val_images: str = ""
     val_annotations: str = ""
+    # coco_panoptic: the folders of segment-id PNGs; empty = the annotation JSON's path without ".json"
+    train_panoptic_pngs: str = ""
+    val_panoptic_pngs: str = ""
     train_scales: tuple[int, ...] = (480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800)
     train_max_size: int = 1333
     crop_resize: tuple[int, ...] = (400, 500, 600)  # shorter side before the random crop
@@ -227,6 +257,8 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _check_finite(self, "data")
+        if self.format not in ("coco", "coco_panoptic"):
+            raise ValueError(f"data.format must be 'coco' or 'coco_panoptic', got {self.format!r}")
         if not self.train_scales:
             raise ValueError("data.train_scales must list at least one size")
         for name in ("train_scales", "train_max_size", "crop_resize", "crop_size", "eval_size", "eval_max_size"):

@@ -6,9 +6,13 @@ class down-weighted by ``eos_coef``, plus L1 and GIoU losses on the matched boxe
 number of target boxes, repeated for every decoder layer (auxiliary losses, Sec. 3.2). ``focal=True`` replaces
 the cross-entropy by the sigmoid focal loss of Deformable DETR (Zhu et al. 2021; official ``SetCriterion`` in
 fundamentalvision/Deformable-DETR models/deformable_detr.py), used by Deformable and Conditional DETR.
+``mask_loss=True`` adds the segmentation losses of DETR Sec. 4.4 on the last layer's matched queries: a sigmoid
+focal loss per pixel and the DICE loss (Milletari et al. 2016) of each predicted mask against its target's
+(official ``loss_masks``, facebookresearch/detr models/detr.py, and models/segmentation.py).
 
 Tensors: B batch, Q queries, K classes, C class logits (K+1 softmax with no-object last, or K focal), N_b
-targets of image b, M = Σ min(Q, N_b) matched pairs.
+targets of image b, M = Σ min(Q, N_b) matched pairs; h×w the mask logits' map (a quarter of the padded input),
+H×W the largest target mask of the batch.
 
 Layer: building blocks. May import ``box_ops``, ``matcher`` and ``distributed``.
 """
@@ -25,7 +29,10 @@ from detrkit.box_ops import box_cxcywh_to_xyxy, elementwise_generalized_box_iou
 from detrkit.distributed import all_reduce_mean
 from detrkit.matcher import HungarianMatcher
 
-__all__ = ["SetCriterion", "matched_query_index", "sigmoid_focal_loss"]
+__all__ = ["SetCriterion", "dice_loss", "matched_query_index", "sigmoid_focal_loss"]
+
+#: The mask logits are laid out at this stride of the padded input (``pred_masks`` is (B, Q, H/4, W/4)).
+MASK_STRIDE = 4
 
 Indices = list[tuple[Tensor, Tensor]]
 
@@ -43,6 +50,10 @@ class SetCriterion(nn.Module):
         focal: sigmoid focal classification over K logits instead of softmax cross-entropy over K+1.
         focal_alpha: focal loss alpha (only with ``focal``).
         focal_gamma: focal loss gamma (only with ``focal``).
+        mask_loss: add ``loss_mask`` and ``loss_dice`` on the last layer's matched ``pred_masks`` (targets then
+            need ``masks``); the focal loss on the masks always uses alpha 0.25 and gamma 2, as the reference.
+        weight_mask: weight of the per-pixel sigmoid focal mask loss (DETR's ``mask_loss_coef`` 1).
+        weight_dice: weight of the DICE loss (DETR's ``dice_loss_coef`` 1).
     """
 
     def __init__(
@@ -57,6 +68,9 @@ class SetCriterion(nn.Module):
         focal: bool = False,
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
+        mask_loss: bool = False,
+        weight_mask: float = 1.0,
+        weight_dice: float = 1.0,
     ) -> None:
         super().__init__()
         if num_classes < 1:
@@ -77,6 +91,8 @@ class SetCriterion(nn.Module):
         self.focal = focal
         self.focal_alpha = float(focal_alpha)
         self.focal_gamma = float(focal_gamma)
+        self.mask_loss = bool(mask_loss)
+        self.mask_weights = {"loss_mask": float(weight_mask), "loss_dice": float(weight_dice)}
         # Cross-entropy class weights: 1 for the K classes, eos_coef for no-object (DETR's "empty_weight").
         empty_weight = torch.ones(num_classes + 1)
         empty_weight[-1] = eos_coef
@@ -85,7 +101,10 @@ class SetCriterion(nn.Module):
     def extra_repr(self) -> str:
         weights = ", ".join(f"weight_{k[5:]}={v}" for k, v in self.weights.items())
         mode = f"focal=True, focal_alpha={self.focal_alpha}, focal_gamma={self.focal_gamma}"
-        return f"num_classes={self.num_classes}, {weights}, " + (mode if self.focal else f"eos_coef={self.eos_coef}")
+        text = f"num_classes={self.num_classes}, {weights}, " + (mode if self.focal else f"eos_coef={self.eos_coef}")
+        if self.mask_loss:
+            text += ", mask_loss=True, " + ", ".join(f"weight_{k[5:]}={v}" for k, v in self.mask_weights.items())
+        return text
 
     def match(self, outputs: dict, targets: list[dict[str, Tensor]]) -> Indices:
         """The last layer's matching, as ``forward`` computes it; pass it back as ``indices`` to reuse it.
@@ -104,14 +123,18 @@ class SetCriterion(nn.Module):
             outputs: ``pred_logits`` (B, Q, C), ``pred_boxes`` (B, Q, 4) normalised cxcywh; optional
                 ``aux_outputs`` (a list of dicts with the same two keys, one per earlier decoder layer) and
                 ``enc_outputs`` (two-stage proposals, matched class-agnostically: every target labelled 0).
-            targets: B dicts with ``labels`` (N_b,) int64 and ``boxes`` (N_b, 4) normalised cxcywh.
+                With ``mask_loss``: ``pred_masks`` (B, Q, h, w), the mask logits of the padded input at
+                stride 4 (last layer only).
+            targets: B dicts with ``labels`` (N_b,) int64 and ``boxes`` (N_b, 4) normalised cxcywh; with
+                ``mask_loss`` also ``masks`` (N_b, H_b, W_b) bool at the image's unpadded size.
             indices: the last layer's matching if the caller has it already (``match``); computed otherwise.
 
         Returns:
             ``loss``: the weighted sum over all layers, to call ``backward`` on. ``loss_ce``, ``loss_bbox``,
             ``loss_giou``: the last layer's unweighted terms; ``aux/{i}/loss_ce`` (etc.) for
-            ``aux_outputs[i]`` and ``enc/loss_ce`` (etc.) for ``enc_outputs``. Logged metrics of the last
-            layer, without gradient: ``cardinality_error`` and ``class_error``. All are scalar tensors.
+            ``aux_outputs[i]`` and ``enc/loss_ce`` (etc.) for ``enc_outputs``; with ``mask_loss`` the last
+            layer's unweighted ``loss_mask`` and ``loss_dice``. Logged metrics of the last layer, without
+            gradient: ``cardinality_error`` and ``class_error``. All are scalar tensors.
         """
         last = _layer(outputs)
         expected = self.num_classes if self.focal else self.num_classes + 1
@@ -149,6 +172,12 @@ class SetCriterion(nn.Module):
             terms = self._layer_losses(enc, enc_matched, num_boxes)
             losses.update({f"enc/{k}": v for k, v in terms.items()})
             total = total + self._weighted(terms)
+
+        if self.mask_loss:
+            # Last layer only: the mask head runs on the final decoder embeddings (no auxiliary mask losses).
+            terms = self._mask_losses(outputs, targets, layer_indices[0], num_boxes)
+            losses.update(terms)
+            total = total + sum(self.mask_weights[k] * v for k, v in terms.items())
 
         losses["loss"] = total
         losses.update(self._metrics(last["pred_logits"], targets, matched))
@@ -196,6 +225,57 @@ class SetCriterion(nn.Module):
         giou = elementwise_generalized_box_iou(box_cxcywh_to_xyxy(src_boxes), box_cxcywh_to_xyxy(tgt_boxes))
         loss_giou = (1 - giou).sum() / num_boxes
         return {"loss_ce": loss_ce, "loss_bbox": loss_bbox, "loss_giou": loss_giou}
+
+    def _mask_losses(
+        self, outputs: dict, targets: list[dict[str, Tensor]], indices: Indices, num_boxes: float
+    ) -> dict[str, Tensor]:
+        """Unweighted ``loss_mask`` (per-pixel sigmoid focal) and ``loss_dice`` of the matched masks.
+
+        As the reference ``loss_masks``, target masks are zero-padded to the batch's largest target (H, W) and
+        the predictions upsampled bilinearly to that size. The reference's padded input *is* that size; detrkit
+        pads its inputs further, to a multiple of 32 (``data.collate``), so the logits (a quarter of the padded
+        input) are upsampled by exactly 4 — back to the padded input's grid — and cropped to (H, W). Where the
+        largest target is a multiple of 4 in both sides this is the reference's computation; otherwise the
+        reference stretches the map slightly, which this avoids.
+        """
+        if "pred_masks" not in outputs:
+            raise ValueError(
+                "SetCriterion(mask_loss=True) needs outputs['pred_masks'] (B, Q, H/4, W/4): build the model with masks"
+            )
+        pred_masks = outputs["pred_masks"]  # (B, Q, h, w)
+        if pred_masks.dim() != 4 or pred_masks.shape[:2] != outputs["pred_logits"].shape[:2]:
+            raise ValueError(
+                f"pred_masks must be (B, Q, h, w) with the B, Q of pred_logits "
+                f"{tuple(outputs['pred_logits'].shape[:2])}, got {tuple(pred_masks.shape)}"
+            )
+        target_masks = [_target_masks(t, b) for b, t in enumerate(targets)]
+        height = max(m.shape[-2] for m in target_masks)
+        width = max(m.shape[-1] for m in target_masks)
+        h, w = pred_masks.shape[-2:]
+        if height > MASK_STRIDE * h or width > MASK_STRIDE * w:
+            raise ValueError(
+                f"target masks up to {height}x{width} do not fit the padded input of pred_masks {h}x{w} "
+                f"(x{MASK_STRIDE} = {MASK_STRIDE * h}x{MASK_STRIDE * w}): masks must be at the unpadded image size"
+            )
+
+        batch_idx, query_idx = matched_query_index(indices, device=pred_masks.device)
+        src = pred_masks[batch_idx, query_idx]  # (M, h, w)
+        if src.dtype in (torch.float16, torch.bfloat16):
+            src = src.float()  # sums over ~10^6 pixels per mask
+        src = F.interpolate(src[:, None], scale_factor=MASK_STRIDE, mode="bilinear", align_corners=False)
+        src = src[:, 0, :height, :width].flatten(1)  # (M, H·W)
+        # The matched targets, zero-padded to (H, W), in the order of matched_query_index.
+        tgt = src.new_zeros(len(src), height, width)  # (M, H, W)
+        start = 0
+        for masks, (_, tgt_idx) in zip(target_masks, indices, strict=True):
+            matched = masks[tgt_idx.to(masks.device)]  # (n_b, H_b, W_b)
+            tgt[start : start + len(matched), : matched.shape[-2], : matched.shape[-1]] = matched.to(tgt)
+            start += len(matched)
+        tgt = tgt.flatten(1)  # (M, H·W)
+        return {
+            "loss_mask": _focal_elementwise(src, tgt, alpha=0.25, gamma=2.0).mean(1).sum() / num_boxes,
+            "loss_dice": dice_loss(src, tgt, num_boxes),
+        }
 
     @torch.no_grad()
     def _metrics(self, logits: Tensor, targets: list[dict[str, Tensor]], matched: _Matched) -> dict[str, Tensor]:
@@ -288,10 +368,50 @@ def sigmoid_focal_loss(
     Returns:
         scalar.
     """
+    return _focal_elementwise(logits, targets, alpha=alpha, gamma=gamma).sum() / num_boxes
+
+
+def _focal_elementwise(logits: Tensor, targets: Tensor, *, alpha: float, gamma: float) -> Tensor:
+    """The focal loss of every element (Lin et al. 2017, Eq. 5), not reduced; same shape as ``logits``."""
     prob = logits.sigmoid()
     ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
     p_t = prob * targets + (1 - prob) * (1 - targets)
     loss = ce * (1 - p_t) ** gamma
     if alpha >= 0:
         loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
-    return loss.sum() / num_boxes
+    return loss
+
+
+def dice_loss(logits: Tensor, targets: Tensor, num_boxes: float) -> Tensor:
+    """DICE loss of each mask, ``1 - (2·Σ p·t + 1) / (Σ p + Σ t + 1)`` with p = sigmoid(logits), summed over masks
+    and divided by ``num_boxes`` (DETR's ``dice_loss``; the +1 keeps empty masks finite: an empty prediction of an
+    empty target costs 0).
+
+    Args:
+        logits: (M, P) mask logits, P pixels each.
+        targets: (M, P) 0/1 float.
+        num_boxes: the normaliser.
+
+    Returns:
+        scalar.
+    """
+    prob = logits.sigmoid()
+    numerator = 2 * (prob * targets).sum(1)  # (M,)
+    denominator = prob.sum(1) + targets.sum(1)  # (M,)
+    return (1 - (numerator + 1) / (denominator + 1)).sum() / num_boxes
+
+
+def _target_masks(target: dict[str, Tensor], index: int) -> Tensor:
+    """Image ``index``'s ``masks`` (N, H, W), checked against its labels."""
+    num = len(target["labels"])
+    masks = target.get("masks")
+    if masks is None:
+        if num == 0:
+            return torch.zeros(0, 1, 1, dtype=torch.bool, device=target["labels"].device)
+        raise ValueError(f"SetCriterion(mask_loss=True): target {index} has {num} labels but no 'masks'")
+    if masks.dim() != 3 or len(masks) != num:
+        raise ValueError(
+            f"SetCriterion(mask_loss=True): target {index} needs masks (N, H, W) with N = {num} labels, "
+            f"got {tuple(masks.shape)}"
+        )
+    return masks

@@ -7,7 +7,8 @@ once (:class:`Issues`): what cannot be used is refused with a :class:`CocoFormat
 category ids, a bbox that is not 4 finite numbers, a ``file_name`` leaving the image folder. Boxes that can be
 repaired are, and the repair is announced in one warning per dataset with counts and examples (:func:`fix_boxes`):
 boxes of zero or negative width/height or lying outside the image are dropped, boxes reaching past the border are
-clipped. Image pixels are read in the stored grid, EXIF orientation ignored (see :mod:`detrkit.images`).
+clipped. With ``return_masks=True`` the segmentations are checked the same way (:func:`fix_segmentations`).
+Image pixels are read in the stored grid, EXIF orientation ignored (see :mod:`detrkit.images`).
 
 Target of one image, as returned by :class:`CocoDetection` (N objects kept, H×W the image after transforms):
 
@@ -16,7 +17,8 @@ Target of one image, as returned by :class:`CocoDetection` (N objects kept, H×W
 - ``image_id`` int; ``orig_size`` (2,) int64 [h, w] of the file as loaded; ``size`` (2,) int64 [H, W]
 - ``iscrowd`` (N,) int64 (all zero: crowd regions are not training objects); ``area`` (N,) float32, the
   annotation's ``area`` in original-image pixels
-- ``masks`` (N, H, W) bool, only with ``return_masks=True``
+- ``masks`` (N, H, W) bool, only with ``return_masks=True``: one per box, same order, at the transformed
+  image's size (transformed with the image as a ``tv_tensors.Mask``: nearest-neighbour resizing, flips, crops)
 
 Layer: building blocks. May import ``images``, ``labels`` and ``transforms``.
 """
@@ -48,41 +50,14 @@ Sample = tuple[torch.Tensor, dict[str, Any]]
 log = logging.getLogger("detrkit")
 
 
-def _is_number(v: Any) -> bool:
+def is_number(v: Any) -> bool:
+    """A finite JSON number (not a bool)."""
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _is_int(v: Any) -> bool:
+def is_int(v: Any) -> bool:
+    """A JSON integer (not a bool)."""
     return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _decode_segmentation(segmentation: Any, height: int, width: int, where: str) -> np.ndarray:
-    """COCO ``segmentation`` (polygons, uncompressed or compressed RLE) → (height, width) uint8 mask."""
-    # Imported here: only mask users pay for the extension module.
-    from faster_coco_eval.core import mask as mask_utils
-
-    if isinstance(segmentation, list):
-        # Polygons are flat [x1, y1, x2, y2, ...] lists. Fewer than 3 points enclose nothing, and a 4-number
-        # list would be read as a *box* by frPyObjects, so such polygons are skipped.
-        polygons = [[float(v) for v in p] for p in segmentation if isinstance(p, list) and len(p) >= 6]
-        if not polygons:
-            return np.zeros((height, width), dtype=np.uint8)
-        rle = mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
-    elif isinstance(segmentation, dict) and "counts" in segmentation and "size" in segmentation:
-        if list(segmentation["size"]) != [height, width]:
-            raise CocoFormatError(
-                f"{where}: RLE size {list(segmentation['size'])} does not match the image [h, w] = [{height}, {width}]"
-            )
-        counts = segmentation["counts"]
-        if isinstance(counts, list):  # uncompressed RLE (COCO uses it for crowd regions)
-            rle = mask_utils.frPyObjects(segmentation, height, width)
-        elif isinstance(counts, (str, bytes)):  # compressed RLE string, decodable as is
-            rle = {"size": [height, width], "counts": counts}
-        else:
-            raise CocoFormatError(f"{where}: RLE counts must be a list or a string, got {type(counts).__name__}")
-    else:
-        raise CocoFormatError(f"{where}: segmentation must be a list of polygons or an RLE dict")
-    return np.ascontiguousarray(mask_utils.decode(rle), dtype=np.uint8)
 
 
 class CocoFormatError(ValueError):
@@ -182,16 +157,17 @@ def _annotation_where(ann: dict[str, Any], index: int | None, image: dict[str, A
     return name
 
 
-def _inside(image_dir: Path, file_name: str) -> bool:
+def inside_folder(image_dir: str | Path, file_name: str) -> bool:
     """Whether ``image_dir / file_name`` stays inside ``image_dir``, lexically (a symlink inside is fine)."""
     root = os.path.abspath(image_dir)
     target = os.path.abspath(os.path.join(root, file_name))
     return target != root and os.path.commonpath([root, target]) == root
 
 
-def load_coco_json(ann_file: str | Path) -> dict[str, Any]:
-    """Read a COCO instances file and check its top-level structure and its categories (which everything else
-    depends on); raises ``FileNotFoundError`` or :class:`CocoFormatError` naming the file."""
+def load_coco_json(ann_file: str | Path, *, kind: str = "COCO instances") -> dict[str, Any]:
+    """Read a COCO instances (or panoptic: ``kind`` names it in messages) file and check its top-level structure
+    and its categories (which everything else depends on); raises ``FileNotFoundError`` or
+    :class:`CocoFormatError` naming the file."""
     f = Path(ann_file)
     try:
         with open(f, encoding="utf-8") as fh:
@@ -199,16 +175,14 @@ def load_coco_json(ann_file: str | Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise FileNotFoundError(f"annotation file not found: {f}") from None
     except IsADirectoryError:
-        raise CocoFormatError(f"{f}: is a folder, not a COCO JSON file") from None
+        raise CocoFormatError(f"{f}: is a folder, not a {kind} JSON file") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CocoFormatError(f"{f}: not valid JSON: {e}") from e
     if not isinstance(data, dict):
         raise CocoFormatError(f"{f}: expected a JSON object at the top level, got {type(data).__name__}")
     for key in ("images", "categories"):
         if key not in data:
-            raise CocoFormatError(
-                f"{f}: missing key {key!r} (a COCO instances file has images, categories and annotations)"
-            )
+            raise CocoFormatError(f"{f}: missing key {key!r} (a {kind} file has images, categories and annotations)")
         if not isinstance(data[key], list):
             raise CocoFormatError(f"{f}: {key!r} must be a list, got {type(data[key]).__name__}")
     if not isinstance(data.get("annotations", []), list):
@@ -217,7 +191,7 @@ def load_coco_json(ann_file: str | Path) -> dict[str, Any]:
         raise CocoFormatError(f"{f}: 'categories' is empty; the number of classes comes from it")
     category_ids: set[int] = set()
     for i, cat in enumerate(data["categories"]):
-        if not isinstance(cat, dict) or not _is_int(cat.get("id")):
+        if not isinstance(cat, dict) or not is_int(cat.get("id")):
             raise CocoFormatError(f"{f}: categories[{i}] needs an integer 'id', got {cat!r}")
         if cat["id"] in category_ids:
             raise CocoFormatError(f"{f}: duplicate category id {cat['id']}")
@@ -250,21 +224,21 @@ class CocoIndex:
         """``(height, width)`` of an image as the JSON gives it, or None when it gives none (or an invalid one)."""
         im = self.images[image_id]
         h, w = im.get("height"), im.get("width")
-        return (h, w) if _is_int(h) and _is_int(w) and h > 0 and w > 0 else None
+        return (h, w) if is_int(h) and is_int(w) and h > 0 and w > 0 else None
 
 
-def index_coco(
-    data: dict[str, Any], ann_file: str | Path, image_dir: str | Path, *, return_masks: bool = False
-) -> CocoIndex:
-    """Check every image and annotation entry of ``data`` (from :func:`load_coco_json`) and group the annotations
-    by image. Problems are collected in ``issues`` (all of them, not only the first), never raised here."""
-    f, image_dir = Path(ann_file), Path(image_dir)
-    issues = Issues(f)
-    category_ids = {c["id"] for c in data["categories"]}
+def index_images(
+    data: dict[str, Any], image_dir: str | Path, issues: Issues
+) -> tuple[dict[int, dict[str, Any]], set[int]]:
+    """Check the ``images`` entries of ``data``: ``(image id → entry, ids of images that cannot be read)``.
+
+    Problems are added to ``issues``. Shared by the instances and the panoptic datasets.
+    """
+    image_dir = Path(image_dir)
     images: dict[int, dict[str, Any]] = {}
     unreadable: set[int] = set()
     for i, im in enumerate(data["images"]):
-        if not isinstance(im, dict) or not _is_int(im.get("id")):
+        if not isinstance(im, dict) or not is_int(im.get("id")):
             issues.add("error", "invalid image entry", f"images[{i}] needs an integer 'id', got {im!r}")
             continue
         where = f"image {im['id']}"
@@ -276,7 +250,7 @@ def index_coco(
         if not isinstance(name, str) or not name:
             issues.add("error", "invalid image entry", f"{where} needs a string 'file_name', got {name!r}")
             unreadable.add(im["id"])
-        elif not _inside(image_dir, name):
+        elif not inside_folder(image_dir, name):
             issues.add(
                 "error",
                 "file_name outside the image folder",
@@ -285,8 +259,21 @@ def index_coco(
             )
             unreadable.add(im["id"])
         for key in ("width", "height"):
-            if key in im and not (_is_int(im[key]) and im[key] > 0):
+            if key in im and not (is_int(im[key]) and im[key] > 0):
                 issues.add("error", "invalid image entry", f"{where} has {key}={im[key]!r}, not a positive int")
+    return images, unreadable
+
+
+def index_coco(
+    data: dict[str, Any], ann_file: str | Path, image_dir: str | Path, *, return_masks: bool = False
+) -> CocoIndex:
+    """Check every image and annotation entry of ``data`` (from :func:`load_coco_json`) and group the annotations
+    by image. Problems are collected in ``issues`` (all of them, not only the first), never raised here.
+    The segmentations themselves are checked against the image sizes by :func:`fix_segmentations`."""
+    f, image_dir = Path(ann_file), Path(image_dir)
+    issues = Issues(f)
+    category_ids = {c["id"] for c in data["categories"]}
+    images, unreadable = index_images(data, image_dir, issues)
 
     annotations: dict[int, list[dict[str, Any]]] = {image_id: [] for image_id in images}
     raw = data.get("annotations", [])
@@ -301,15 +288,15 @@ def index_coco(
             issues.add("error", "invalid annotation", f"{where} is missing {missing[0]!r}")
             continue
         if "id" in ann:
-            if not _is_int(ann["id"]):
+            if not is_int(ann["id"]):
                 issues.add("error", "invalid annotation", f"{where}: id must be an integer")
             else:
                 seen_ids[ann["id"]] = seen_ids.get(ann["id"], 0) + 1
         ok = True
-        if not (_is_int(ann["image_id"]) and ann["image_id"] in images):
+        if not (is_int(ann["image_id"]) and ann["image_id"] in images):
             issues.add("error", "unknown image id", f"{where} refers to unknown image id {ann['image_id']!r}")
             ok = False
-        if not (_is_int(ann["category_id"]) and ann["category_id"] in category_ids):
+        if not (is_int(ann["category_id"]) and ann["category_id"] in category_ids):
             issues.add(
                 "error",
                 "unknown category id",
@@ -318,13 +305,13 @@ def index_coco(
             )
             ok = False
         bbox = ann["bbox"]
-        if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(is_number(v) for v in bbox)):
             issues.add("error", "invalid bbox", f"{where}: bbox must be 4 finite numbers [x, y, w, h], got {bbox!r}")
             ok = False
         if ann.get("iscrowd", 0) not in (0, 1):
             issues.add("error", "invalid annotation", f"{where}: iscrowd must be 0 or 1, got {ann['iscrowd']!r}")
             ok = False
-        if "area" in ann and not _is_number(ann["area"]):
+        if "area" in ann and not is_number(ann["area"]):
             issues.add("error", "invalid annotation", f"{where}: area must be a finite number, got {ann['area']!r}")
             ok = False
         if return_masks and not ann.get("iscrowd", 0) and "segmentation" not in ann:
@@ -379,6 +366,112 @@ def fix_boxes(index: CocoIndex, sizes: dict[int, tuple[int, int]]) -> None:
         index.annotations[image_id] = kept
 
 
+# Kinds of mask fix-ups (``return_masks=True``), reported like the box fix-ups.
+IGNORED_SHORT_POLYGON = "polygon part with fewer than 3 points ignored"
+DROPPED_EMPTY_SEGMENTATION = "dropped: empty segmentation"
+
+
+def _check_segmentation(segmentation: Any, height: int, width: int) -> tuple[str | None, int, bool]:
+    """Check a COCO ``segmentation`` against an image of ``height`` × ``width`` pixels, without rasterising it.
+
+    Returns ``(error, short_parts, empty)``: why it cannot be used (None when it can), how many polygon parts have
+    fewer than 3 points, and whether nothing is left to rasterise (no polygon of 3 or more points, an empty list,
+    an RLE without a foreground pixel).
+    """
+    if isinstance(segmentation, list):
+        short = 0
+        for k, part in enumerate(segmentation):
+            if not (isinstance(part, list) and len(part) % 2 == 0 and all(is_number(v) for v in part)):
+                return f"polygon {k} is not a flat list [x1, y1, x2, y2, ...] of finite numbers", 0, False
+            short += len(part) < 6
+        return None, short, short == len(segmentation)
+    if not (isinstance(segmentation, dict) and "counts" in segmentation and "size" in segmentation):
+        return "segmentation must be a list of polygons or an RLE dict with 'size' and 'counts'", 0, False
+    size, counts = segmentation["size"], segmentation["counts"]
+    if not (isinstance(size, list) and size == [height, width]):
+        return f"RLE size {size!r} does not match the image [h, w] = [{height}, {width}]", 0, False
+    if isinstance(counts, list):  # uncompressed RLE: run lengths alternating background/foreground, column-major
+        if not all(is_int(c) and c >= 0 for c in counts) or sum(counts) != height * width:
+            return f"RLE counts must be non-negative ints adding up to h * w = {height * width}", 0, False
+        return None, 0, sum(counts[1::2]) == 0
+    if isinstance(counts, (str, bytes)):  # compressed RLE: its area is read without decoding the mask
+        from faster_coco_eval.core import mask as mask_utils
+
+        try:
+            area = int(mask_utils.area({"size": [height, width], "counts": counts}))
+        except (ValueError, TypeError, RuntimeError) as e:  # malformed strings raise RuntimeError
+            return f"RLE counts cannot be read: {e}", 0, False
+        return None, 0, area == 0
+    return f"RLE counts must be a list or a string, got {type(counts).__name__}", 0, False
+
+
+def fix_segmentations(index: CocoIndex, sizes: dict[int, tuple[int, int]]) -> None:
+    """Check the ``segmentation`` of every non-crowd annotation of ``index`` against its image's size
+    (``(height, width)`` by image id), before any mask is decoded; errors and fix-ups go to ``index.issues``.
+
+    - not polygons nor RLE, a polygon of an odd number of (or non-finite) coordinates, an RLE of another size or
+      whose counts do not cover the image: error;
+    - a polygon part of fewer than 3 points (a point or a line: no area, and pycocotools would read a 4-number
+      part as a box): ignored, the object keeps its other parts;
+    - nothing left (an empty list, only such parts, an RLE of zeros): the object is dropped, box included (a box
+      without a mask is no target for a mask head).
+
+    Crowd annotations are left as they are: they are never training objects.
+    """
+    for image_id, anns in index.annotations.items():
+        if image_id not in sizes:
+            continue
+        height, width = sizes[image_id]
+        image = index.images[image_id]
+        kept = []
+        for ann in anns:
+            if ann.get("iscrowd", 0):
+                kept.append(ann)
+                continue
+            where = _annotation_where(ann, None, image)
+            error, short, empty = _check_segmentation(ann["segmentation"], height, width)
+            if error is not None:
+                index.issues.add("error", "invalid segmentation", f"{where}: {error}")
+                kept.append(ann)  # refused with the others; kept so that one problem is reported once
+                continue
+            if empty:
+                index.issues.add("fix-up", DROPPED_EMPTY_SEGMENTATION, where)
+                continue
+            if short:
+                index.issues.add("fix-up", IGNORED_SHORT_POLYGON, f"{where}: {short} part(s)")
+            kept.append(ann)
+        index.annotations[image_id] = kept
+
+
+def _decode_segmentation(segmentation: Any, height: int, width: int, where: str) -> np.ndarray:
+    """COCO ``segmentation`` (polygons, uncompressed or compressed RLE) → (height, width) uint8 mask.
+
+    Polygon parts are united, as pycocotools' ``annToMask`` does; parts of fewer than 3 points are skipped (see
+    :func:`fix_segmentations`, which has checked everything else when the dataset was built). ``where`` names the
+    file and the annotation in errors.
+    """
+    # Imported here: only mask users pay for the extension module.
+    from faster_coco_eval.core import mask as mask_utils
+
+    error, _, _ = _check_segmentation(segmentation, height, width)
+    if error is not None:  # an image whose size differs from the one the dataset was checked with
+        raise CocoFormatError(f"{where}: {error}")
+    try:
+        if isinstance(segmentation, list):
+            # 4-number parts would be read as boxes by frPyObjects, and fewer than 3 points enclose nothing.
+            polygons = [[float(v) for v in p] for p in segmentation if len(p) >= 6]
+            if not polygons:
+                return np.zeros((height, width), dtype=np.uint8)
+            rle = mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
+        elif isinstance(segmentation["counts"], list):  # uncompressed RLE (COCO writes crowd regions this way)
+            rle = mask_utils.frPyObjects(segmentation, height, width)
+        else:  # compressed RLE, decodable as is
+            rle = {"size": [height, width], "counts": segmentation["counts"]}
+        return np.ascontiguousarray(mask_utils.decode(rle), dtype=np.uint8)
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise CocoFormatError(f"{where}: segmentation cannot be decoded: {e}") from e
+
+
 def size_mismatch_message(
     path: Path, ann_file: Path, image_id: int, actual: tuple[int, int], expected: tuple[int, int]
 ) -> str:
@@ -402,6 +495,17 @@ def size_mismatch_message(
     return text + " Correct width/height in the JSON, or replace the file with the one that was annotated"
 
 
+def read_annotated_image(path: Path, info: dict[str, Any], ann_file: Path) -> Image.Image:
+    """The RGB PIL image of the ``images`` entry ``info`` of ``ann_file``, stored at ``path``; an image whose size
+    differs from the entry's width/height is refused (:func:`size_mismatch_message`)."""
+    image = read_rgb(path)
+    expected = (info.get("width", image.width), info.get("height", image.height))
+    if image.size != expected:
+        # Boxes would be silently misaligned (often an EXIF-rotated export); better to stop here.
+        raise ValueError(size_mismatch_message(path, ann_file, info["id"], image.size, expected))
+    return image
+
+
 class CocoDetection(Dataset):
     """A folder of images and a COCO instances JSON file.
 
@@ -412,7 +516,12 @@ class CocoDetection(Dataset):
         transforms: ``(image, target) -> (image, target)`` on v2 conventions, e.g.
             :func:`detrkit.transforms.train_transforms`. It receives a PIL RGB image and the target of
             :meth:`load_target`. ``None`` returns the image as floats in [0, 1] at its own size.
-        return_masks: also decode instance masks (``masks`` in the target).
+        return_masks: also decode instance masks (``masks`` in the target) from each object's ``segmentation``:
+            polygons (one or several parts, united), uncompressed RLE (``counts`` a list) or compressed RLE
+            (``counts`` a string). Every segmentation is checked when the dataset is built
+            (:func:`fix_segmentations`): an object without a ``segmentation`` or with an invalid one refuses the
+            file; polygon parts of fewer than 3 points are ignored, and an object left with an empty segmentation
+            is dropped, box included (both announced in the fix-up warning). Crowd objects need none.
 
     Attributes:
         label_map: category id ↔ contiguous label, from the file's ``categories`` (sorted by id).
@@ -451,6 +560,9 @@ class CocoDetection(Dataset):
                 header = read_header(self.image_dir / info["file_name"])
                 size = (header.height, header.width)
             self._sizes[image_id] = size
+        if return_masks:
+            fix_segmentations(index, self._sizes)
+            index.issues.raise_errors()
         fix_boxes(index, self._sizes)
         index.issues.announce()
         self.index = index
@@ -466,21 +578,14 @@ class CocoDetection(Dataset):
 
     def load_image(self, index: int) -> Image.Image:
         """The RGB PIL image of sample ``index``, untransformed (see :func:`detrkit.images.read_rgb`)."""
-        path = self.image_path(index)
-        image = read_rgb(path)
-        info = self._images[self.ids[index]]
-        expected = (info.get("width", image.width), info.get("height", image.height))
-        if image.size != expected:
-            # Boxes would be silently misaligned (often an EXIF-rotated export); better to stop here.
-            raise ValueError(size_mismatch_message(path, self.ann_file, self.ids[index], image.size, expected))
-        return image
+        return read_annotated_image(self.image_path(index), self._images[self.ids[index]], self.ann_file)
 
     def load_target(self, index: int, image_size: tuple[int, int] | None = None) -> dict[str, Any]:
         """The target of sample ``index`` before transforms, as the transforms receive it.
 
         Boxes are ``tv_tensors.BoundingBoxes`` (N, 4) in absolute XYXY pixels, clamped to the image; crowd
         objects are left out, and so are the boxes :func:`fix_boxes` dropped (announced when the dataset was
-        built). ``masks``: uint8 ``tv_tensors.Mask`` (N, H, W).
+        built). ``masks``: uint8 ``tv_tensors.Mask`` (N, H, W), one per box (``return_masks=True``).
 
         Args:
             image_size: ``(height, width)`` of the loaded image; when not given, the annotation file's, or the
@@ -533,11 +638,12 @@ class CocoDetection(Dataset):
         target = self.load_target(index, image_size=(image.height, image.width))
         if self.transforms is not None:
             image, target = self.transforms(image, target)
-        return _finalize(image, target)
+        return finalize_sample(image, target)
 
 
-def _finalize(image: Any, target: dict[str, Any]) -> Sample:
-    """Bring a (possibly transformed) sample to the model's conventions whatever the transforms left.
+def finalize_sample(image: Any, target: dict[str, Any]) -> Sample:
+    """Bring a (possibly transformed) sample to the model's conventions whatever the transforms left (the last
+    step of every dataset's ``__getitem__``).
 
     Images become float tensors (uint8/PIL scaled to [0, 1]); boxes still in ``BoundingBoxes`` (absolute
     pixels) become normalised cxcywh, plain tensors are taken as already normalised (the pipelines' last

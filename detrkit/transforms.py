@@ -2,8 +2,10 @@
 
 A sample is ``(image, target)``: ``image`` a PIL image (or ``tv_tensors.Image``), ``target`` a dict whose
 ``boxes`` are ``tv_tensors.BoundingBoxes`` in absolute XYXY pixels with ``canvas_size=(H, W)``, ``masks``
-(optional) a ``tv_tensors.Mask`` (N, H, W) and ``labels``/``iscrowd``/``area`` plain (N,) tensors. v2 moves
-boxes and masks with the image; plain tensors and other values pass through untouched.
+(optional) a ``tv_tensors.Mask`` (N, H, W), one per box, and ``labels``/``iscrowd``/``area`` (and ``isthing``
+for panoptic data) plain (N,) tensors. v2 moves boxes and masks with the image (the same resize, flip and crop);
+plain tensors and other values pass through untouched. When a box is dropped, its mask and per-box fields go
+with it (:func:`per_box_target_fields`).
 
 The pipelines end with :class:`ConvertBoxesToNormalizedCxcywh`, which turns the ``BoundingBoxes`` into a
 *plain* (N, 4) tensor of normalised (cx, cy, w, h). The rule the dataset relies on is therefore: a
@@ -17,7 +19,9 @@ Differences from the official DETR transforms (``facebookresearch/detr``, ``data
   333×1332, v2 333×1333). Matching DETR keeps input sizes identical to the reference implementations.
 - Degenerate boxes are dropped by ``v2.SanitizeBoundingBoxes``, which removes boxes under 1 px wide or high
   (or 1 px² in area) in the final image; DETR's crop drops only boxes of zero width or height.
-- Masks are resized with nearest-neighbour interpolation (v2's rule for ``Mask``), as DETR does.
+- Masks are resized with nearest-neighbour interpolation (v2's rule for ``Mask``), as DETR does. Objects are
+  kept or dropped by their boxes, as in DETR: after a crop, an object whose box still meets the crop but whose
+  (non-convex) mask does not keeps an empty mask, and a box is not shrunk to its cropped mask.
 - ``area`` is passed through unchanged (the annotation's area in the original image's pixels); DETR rescales
   it with the image. Nothing in training reads it; evaluation reads areas from the annotation file.
 - Randomness comes from torch's generator (``torch.manual_seed``), as in every v2 transform, not from
@@ -41,8 +45,9 @@ IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 # DETR's multi-scale training sizes for the shorter side (paper Sec. 4: shortest side 480 to 800 pixels).
 DEFAULT_SCALES: tuple[int, ...] = (480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800)
 
-# Per-box target fields dropped together with degenerate boxes (masks are recognised by their type).
-_PER_BOX_FIELDS = ("labels", "iscrowd", "area")
+# Per-box target fields dropped together with degenerate boxes. Masks are not listed: SanitizeBoundingBoxes drops
+# every tv_tensors.Mask along with the boxes by its type (a Mask returned as a "label" would lose that type).
+_PER_BOX_FIELDS = ("labels", "iscrowd", "area", "isthing")
 
 
 def detr_resize_size(height: int, width: int, size: int, max_size: int | None = None) -> tuple[int, int]:
@@ -148,8 +153,9 @@ class ConvertBoxesToNormalizedCxcywh(v2.Transform):
 def per_box_target_fields(sample: Any) -> tuple[torch.Tensor, ...]:
     """``labels_getter`` for ``v2.SanitizeBoundingBoxes``: every per-box tensor of the target.
 
-    Without it only ``labels`` would be filtered and ``iscrowd``/``area`` would fall out of step with the
-    boxes. A module-level function (not a lambda) so that pipelines pickle into DataLoader workers.
+    Without it only ``labels`` would be filtered and ``iscrowd``/``area``/``isthing`` (panoptic data) would fall
+    out of step with the boxes; ``masks`` (a ``tv_tensors.Mask``) are dropped by ``SanitizeBoundingBoxes`` itself.
+    A module-level function (not a lambda) so that pipelines pickle into DataLoader workers.
     """
     target = sample[1] if isinstance(sample, (tuple, list)) and len(sample) == 2 else sample
     if not isinstance(target, dict):

@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 
 import torch
-from torchvision.utils import draw_bounding_boxes
+from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 from .images import load_image_tensor
 from .models.base import Detections
@@ -22,14 +22,42 @@ _PALETTE = [
 ]  # fmt: skip
 
 
-def draw_detections(image, detections: Detections, *, width: int = 2) -> torch.Tensor:
-    """Draw ``detections`` on ``image`` (anything ``predict`` accepts); returns a ``(3,H,W)`` uint8 tensor."""
+def class_color(category_id: int) -> str:
+    """The colour of a class: the same in every image, drawing and report."""
+    return _PALETTE[int(category_id) % len(_PALETTE)]
+
+
+def draw_detections(image, detections: Detections, *, width: int = 2, mask_alpha: float = 0.45) -> torch.Tensor:
+    """Draw ``detections`` on ``image`` (anything ``predict`` accepts): their masks (when the model predicts
+    masks) under their boxes and labels. Returns a ``(3,H,W)`` uint8 tensor."""
     img = (load_image_tensor(image) * 255).round().to(torch.uint8)
     if len(detections) == 0:
         return img
     labels = [f"{n} {s:.2f}" for n, s in zip(detections.names, detections.scores.tolist(), strict=True)]
-    colors = [_PALETTE[int(c) % len(_PALETTE)] for c in detections.labels.tolist()]
+    colors = [class_color(c) for c in detections.labels.tolist()]
+    masks = getattr(detections, "masks", None)
+    if masks is not None and len(masks):
+        img = draw_segmentation_masks(img, masks.bool().cpu(), alpha=mask_alpha, colors=colors)
     return draw_bounding_boxes(img, detections.boxes.float(), labels=labels, colors=colors, width=width)
+
+
+def draw_panoptic(image, segments: torch.Tensor, segments_info: list[dict], *, alpha: float = 0.55) -> torch.Tensor:
+    """Draw a panoptic segmentation on ``image``: each segment in its class colour (things of one class in shades
+    that tell them apart), VOID (id 0) left as it is. ``segments (H,W)`` segment ids at the image's size; each
+    ``segments_info`` entry has ``id`` and ``category_id``. Returns a ``(3,H,W)`` uint8 tensor."""
+    img = (load_image_tensor(image) * 255).round().to(torch.uint8)
+    if not segments_info:
+        return img
+    masks = torch.stack([segments == int(s["id"]) for s in segments_info])  # (n, H, W)
+    colors = []
+    seen: dict[int, int] = {}
+    for s in segments_info:
+        k = seen[int(s["category_id"])] = seen.get(int(s["category_id"]), -1) + 1
+        base = class_color(s["category_id"]).lstrip("#")
+        rgb = [int(base[i : i + 2], 16) for i in (0, 2, 4)]
+        shade = 1.0 - 0.18 * (k % 4)  # instances of one class: darker shades of its colour
+        colors.append(tuple(int(v * shade) for v in rgb))
+    return draw_segmentation_masks(img, masks.cpu(), alpha=alpha, colors=colors)
 
 
 def save_image(image: torch.Tensor, path: str | Path) -> Path:

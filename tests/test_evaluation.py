@@ -310,7 +310,7 @@ def test_update_checks_and_lifecycle(synthetic) -> None:
     assert evaluator.results() == [] and set(evaluator.summarize().values()) == {-1.0}
 
     with pytest.raises(ValueError, match="bbox"):
-        CocoEvaluator(gt, iou_type="segm")
+        CocoEvaluator(gt, iou_type="keypoints")
     with pytest.raises(ValueError, match="backend"):
         CocoEvaluator(gt, backend="torchmetrics")  # type: ignore[arg-type]
 

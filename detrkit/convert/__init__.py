@@ -60,7 +60,8 @@ def load_published(path: str | Path) -> tuple[ModelConfig, StateDict]:
 
     Args:
         path: a ``transformers`` folder (``config.json`` with ``"model_type": "detr"`` and
-            ``model.safetensors`` or ``pytorch_model.bin``), or an official facebookresearch/detr ``.pth``.
+            ``model.safetensors`` or ``pytorch_model.bin``), or an official facebookresearch/detr ``.pth``;
+            segmentation models too (``DetrForSegmentation``, ``detr-r50-panoptic-*.pth``: ``masks=True``).
 
     The config has ``mask_backbone_padding=False``, so outputs equal the reference implementation's on padded
     batches, and ``trainable_stages=3``. Weights do not record DC5 dilation: for ``.pth`` files it comes from
@@ -176,10 +177,9 @@ def _convert_state_file(
             "models with model.save_pretrained(folder) and load the folder, or build the model from its "
             "config and call model.load_state_dict"
         )
-    if any(k.startswith(("model.backbone.", "class_labels_classifier.")) for k in state):
+    transformers_keys = ("model.backbone.", "class_labels_classifier.", "detr.model.", "conditional_detr.model.")
+    if any(k.startswith(transformers_keys) for k in state):
         raise ValueError(f"{path} holds transformers weights: load the folder with its config.json instead")
-    if any(k.startswith("detr.") for k in state):
-        raise ValueError(f"{path} is an official DETR segmentation checkpoint; detrkit converts detection only")
     raise ValueError(f"{path}: unrecognised checkpoint layout (keys: {preview(state)})")
 
 

@@ -107,14 +107,20 @@ OFFICIAL_RULES: list[Rule] = [
 def convert_transformers(
     hf_config: dict[str, Any], state: StateDict, *, source: str = "checkpoint"
 ) -> tuple[ModelConfig, StateDict]:
-    """Convert a ``ConditionalDetrForObjectDetection`` state dict and its ``config.json`` (as a dict)."""
-    if any(k.startswith(("conditional_detr.", "mask_head.", "bbox_attention.")) for k in state):
-        raise ValueError(f"{source} is a segmentation checkpoint; detrkit converts detection models only")
+    """Convert a ``ConditionalDetrForObjectDetection`` or ``ConditionalDetrForSegmentation`` (the detector under
+    ``conditional_detr.``, DETR's mask head beside it: a ``masks=True`` model) state dict and its ``config.json``.
+
+    transformers' segmentation class predicts boxes without the reference points (its forward is DETR's); the
+    converted model predicts them from the reference points, as the detection class and the paper do, so its boxes
+    are those of ``ConditionalDetrForObjectDetection`` with the same weights.
+    """
     return detr.convert_transformers(hf_config, state, source=source, arch="conditional_detr", rules=HF_RULES)
 
 
 def is_official(state: StateDict) -> bool:
-    return any(k.startswith("transformer.decoder.ref_point_head.") for k in state)
+    # a DETRsegm of Atten4Vis/ConditionalDETR would keep the detector under ``detr.``
+    prefixes = ("transformer.decoder.ref_point_head.", "detr.transformer.decoder.ref_point_head.")
+    return any(k.startswith(prefixes) for k in state)
 
 
 def convert_official_file(

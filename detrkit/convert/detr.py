@@ -17,12 +17,19 @@ transformers, ``DetrForObjectDetection.save_pretrained`` (``config.json`` with `
         ``final_layer_norm``, ``fc1``, ``fc2`` (5.x in memory: ``o_proj``, ``mlp.fc1``, ``mlp.fc2``);
         ``model.decoder.layernorm``, ``model.input_projection``, ``model.query_position_embeddings``.
     heads: ``class_labels_classifier``, ``bbox_predictor.layers.{0,1,2}``.
+    ``DetrForSegmentation``: all of the above under ``detr.``, and the mask head beside it (``M`` 1-5, ``A`` 1-3):
+        ``bbox_attention.{q_linear,k_linear}``, ``mask_head.{layM,gnM,adapterA,out_lay}`` on disk (4.x, and 5.x,
+        which renames back when saving); 5.x in memory: ``bbox_attention.{q_proj,k_proj}``,
+        ``mask_head.{conv1,conv2}.{conv,norm}``, ``mask_head.fpn_stages.{0,1,2}.{fpn_adapter,refine.conv,
+        refine.norm}``, ``mask_head.output_conv``. The backbone returns its four stages (``out_indices`` 1-4).
 
 official facebookresearch/detr ``.pth`` (``{"model": state_dict, "args": Namespace, ...}``)
     ``backbone.0.body.*`` (torchvision names), ``backbone.1.{row,col}_embed`` (learned encodings),
     ``transformer.{encoder,decoder}.layers.N.{self_attn,multihead_attn}.{in_proj_weight,in_proj_bias}`` (q, k
     and v packed in one tensor) and ``.out_proj``, ``linear1``, ``linear2``, ``norm1..3``;
     ``transformer.decoder.norm``, ``query_embed``, ``input_proj``, ``class_embed``, ``bbox_embed.layers.N``.
+    panoptic (``DETRsegm``: ``detr-r50-panoptic-*.pth``, ...): all of the above under ``detr.``, and
+    ``bbox_attention.{q_linear,k_linear}``, ``mask_head.{layM,gnM,adapterA,out_lay}`` (the names 4.x kept).
 
 Layer: io. May import config, the building blocks, ``models`` and ``convert.common``.
 """
@@ -105,6 +112,41 @@ _HF_RULES: list[Rule] = [
 ]
 
 
+# the mask head: facebookresearch/detr's names (which transformers 4.x kept, and 5.x writes to disk), then
+# transformers 5.x in memory. detrkit's: blocks 0-4 (3×3 convolution + GroupNorm), adapters 0-2, out_conv.
+MASK_RULES: list[Rule] = [
+    (re.compile(r"bbox_attention\.([qk])_(?:linear|proj)\.(weight|bias)"), r"bbox_attention.\1_proj.\2"),
+    (
+        re.compile(r"mask_head\.(lay|gn)([1-5])\.(weight|bias)"),
+        lambda m, t: [(f"mask_head.blocks.{int(m[2]) - 1}.{'conv' if m[1] == 'lay' else 'norm'}.{m[3]}", t)],
+    ),
+    (
+        re.compile(r"mask_head\.conv([12])\.(conv|norm)\.(weight|bias)"),
+        lambda m, t: [(f"mask_head.blocks.{int(m[1]) - 1}.{m[2]}.{m[3]}", t)],
+    ),
+    (
+        re.compile(r"mask_head\.fpn_stages\.([0-2])\.refine\.(conv|norm)\.(weight|bias)"),
+        lambda m, t: [(f"mask_head.blocks.{int(m[1]) + 2}.{m[2]}.{m[3]}", t)],
+    ),
+    (
+        re.compile(r"mask_head\.adapter([1-3])\.(weight|bias)"),
+        lambda m, t: [(f"mask_head.adapters.{int(m[1]) - 1}.{m[2]}", t)],
+    ),
+    (re.compile(r"mask_head\.fpn_stages\.([0-2])\.fpn_adapter\.(weight|bias)"), r"mask_head.adapters.\1.\2"),
+    (re.compile(r"mask_head\.(?:out_lay|output_conv)\.(weight|bias)"), r"mask_head.out_conv.\1"),
+]
+
+
+def split_segmentation(state: StateDict, wrapper: str) -> tuple[StateDict, bool]:
+    """A segmentation checkpoint keeps its detector under ``wrapper`` (``detr.``, ``conditional_detr.``) beside
+    ``bbox_attention.*`` and ``mask_head.*``: returns the state with that prefix removed, and whether it has the
+    mask head. Other state dicts come back as they are."""
+    masks = any(k.startswith(("bbox_attention.", "mask_head.")) for k in state)
+    if not masks and not any(k.startswith(wrapper) for k in state):
+        return state, False
+    return {k.removeprefix(wrapper): v for k, v in state.items()}, masks
+
+
 # official facebookresearch/detr
 _OFFICIAL_ATTN = {"self_attn": "self_attn", "multihead_attn": "cross_attn"}
 
@@ -153,19 +195,20 @@ def convert_transformers(
     arch: str = "detr",
     rules: list[Rule] | None = None,
 ) -> tuple[ModelConfig, StateDict]:
-    """Convert a ``DetrForObjectDetection`` state dict and its ``config.json`` (as a dict) to detrkit.
+    """Convert a ``DetrForObjectDetection`` or ``DetrForSegmentation`` state dict and its ``config.json`` (as a
+    dict) to detrkit; a segmentation checkpoint gives a ``masks=True`` model.
 
     Reads the 4.x and 5.x layouts with a timm or a transformers ResNet backbone (see the module docstring).
     ``arch`` and ``rules`` let single-scale relatives with DETR's backbone and encoder (Conditional DETR) reuse it:
-    their rules for what differs come before DETR's.
+    their rules for what differs come before DETR's. A segmentation model keeps its detector under ``{arch}.``.
     """
-    if any(k.startswith(("detr.", "mask_head.", "bbox_attention.")) for k in state):
-        raise ValueError(f"{source} is a DetrForSegmentation checkpoint; detrkit converts detection models only")
-    renamed, unknown = apply_rules(state, (rules or []) + _HF_RULES)
+    state, masks = split_segmentation(state, f"{arch}.")
+    renamed, unknown = apply_rules(state, (rules or []) + _HF_RULES + MASK_RULES)
     rest = {k: v for k, v in renamed.items() if not k.startswith("<body>")}
     body, name, dilation, _, _ = hf_resnet_body(hf_config, renamed, unknown, source)
 
     config = _hf_model_config(hf_config, backbone=name, dilation=dilation, state=rest, source=source, arch=arch)
+    config = config.replace(masks=masks)
     converted = {**{f"backbone.body.{k}": v for k, v in body.items()}, **rest}
     check_against_model(config, converted, unknown=unknown, source=source)
     return config, converted
@@ -248,7 +291,7 @@ def _hf_model_config(
 
 # -- official .pth files -----------------------------------------------------------------------------------
 def is_official(state: StateDict) -> bool:
-    return any(k.startswith("backbone.0.body.") for k in state)
+    return any(k.startswith(("backbone.0.body.", "detr.backbone.0.body.")) for k in state)
 
 
 def convert_official_file(
@@ -271,14 +314,16 @@ def convert_official(
     ``args`` (the training arguments, when the checkpoint kept them) tell what weights cannot: the number of
     heads, DC5 dilation and dropout. Without them: 8 heads and dropout 0.1 (the official defaults), and
     ``dilation_hint``. The official class head is indexed by dataset category id (COCO: 91 classes, ids
-    0..90), so labels are their own ids.
+    0..90; COCO panoptic: 250, ids 0..249), so labels are their own ids. A panoptic checkpoint (``DETRsegm``:
+    the detector under ``detr.``, the mask head beside it) gives a ``masks=True`` model.
     """
     args = args or {}
+    state, masks = split_segmentation(state, "detr.")
     if "transformer.encoder.norm.weight" in state or args.get("pre_norm"):
         raise ValueError(f"{source} is a pre-norm DETR (--pre_norm); detrkit implements the post-norm transformer")
     if any(not isinstance(v, Tensor) for v in state.values()):
         raise ValueError(f"{source}: the state dict holds values that are not tensors")
-    converted, unknown = apply_rules(state, (rules or []) + _OFFICIAL_RULES)
+    converted, unknown = apply_rules(state, (rules or []) + _OFFICIAL_RULES + MASK_RULES)
     focal = arch in _FOCAL_ARCHS
     for needed in ("class_embed.weight", "query_embed.weight", "transformer.encoder.0.ffn.linear1.weight"):
         if needed not in converted:
@@ -313,6 +358,7 @@ def convert_official(
         activation_dropout=dropout,
         num_queries=int(num_queries),
         aux_loss=bool(args.get("aux_loss", True)),
+        masks=masks,
     )
     check_against_model(config, converted, unknown=unknown, source=source)
     return config, converted

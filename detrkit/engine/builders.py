@@ -23,6 +23,7 @@ from ..data import CocoDetection
 from ..doctor import check_loaded_dataset
 from ..matcher import HungarianMatcher
 from ..models import Detector
+from ..panoptic_data import CocoPanoptic
 from ..transforms import eval_transforms, train_transforms
 from .schedule import param_groups
 
@@ -49,6 +50,9 @@ def build_criterion(config: RunConfig, num_classes: int) -> SetCriterion:
         focal=focal,
         focal_alpha=lc.focal_alpha,
         focal_gamma=lc.focal_gamma,
+        mask_loss=getattr(config.model, "masks", False),  # dice + focal on pred_masks (DETR Sec. 4.4)
+        weight_mask=lc.weight_mask,
+        weight_dice=lc.weight_dice,
     )
 
 
@@ -64,29 +68,34 @@ def build_datasets(config: RunConfig) -> tuple[CocoDetection, CocoDetection | No
     return train_set, val_set
 
 
-def build_train_dataset(config: RunConfig) -> CocoDetection:
+def build_train_dataset(config: RunConfig) -> CocoDetection | CocoPanoptic:
     d = config.data
-    _require_files(d.train_images, d.train_annotations, "train")
     tf = train_transforms(
         scales=d.train_scales,
         max_size=d.train_max_size,
         crop_resize=d.crop_resize if d.random_crop else None,
         crop_size=d.crop_size,
     )
-    return _checked(CocoDetection(d.train_images, d.train_annotations, transforms=tf), config, "train")
+    return _open_split(config, "train", tf)
 
 
-def build_val_dataset(config: RunConfig) -> CocoDetection | None:
-    d = config.data
-    if not d.val_annotations:
+def build_val_dataset(config: RunConfig) -> CocoDetection | CocoPanoptic | None:
+    if not config.data.val_annotations:
         return None
-    _require_files(d.val_images, d.val_annotations, "val")
-    dataset = CocoDetection(
-        d.val_images,
-        d.val_annotations,
-        transforms=eval_transforms(size=d.eval_size, max_size=d.eval_max_size),
-    )
-    return _checked(dataset, config, "val")
+    return _open_split(config, "val", eval_transforms(size=config.data.eval_size, max_size=config.data.eval_max_size))
+
+
+def _open_split(config: RunConfig, split: str, transforms) -> CocoDetection | CocoPanoptic:
+    """A split in the config's ``data.format``: instances (with their masks when the model has a mask head) or
+    panoptic (things and stuff as masks, with their PNG folder)."""
+    d = config.data
+    images, annotations = getattr(d, f"{split}_images"), getattr(d, f"{split}_annotations")
+    _require_files(images, annotations, split)
+    if d.format == "coco_panoptic":
+        pngs = getattr(d, f"{split}_panoptic_pngs") or None
+        return CocoPanoptic(images, annotations, png_dir=pngs, transforms=transforms)
+    masks = bool(getattr(config.model, "masks", False))
+    return _checked(CocoDetection(images, annotations, transforms=transforms, return_masks=masks), config, split)
 
 
 def _checked(dataset: CocoDetection, config: RunConfig, split: str) -> CocoDetection:
@@ -123,6 +132,7 @@ def model_config_for_data(config: RunConfig, dataset: CocoDetection) -> ModelCon
         num_classes=lm.num_classes,
         category_ids=lm.category_ids,
         class_names=lm.names,
+        class_isthing=lm.isthing,
         image_size=config.data.eval_size,
         max_size=config.data.eval_max_size,
     )

@@ -38,7 +38,7 @@ from .. import distributed as dist
 from ..checkpoint import atomic_write_text, save_pretrained
 from ..config import RunConfig
 from ..data import CocoDetection
-from ..evaluation import COCO_METRIC_KEYS, Progress, evaluate_model, write_metrics
+from ..evaluation import COCO_METRIC_KEYS, PANOPTIC_METRIC_KEYS, Progress, evaluate_model, write_metrics
 from ..models import Detector
 from .run_folder import run_outputs
 from .state import TrainState
@@ -197,13 +197,47 @@ class ProgressLog(Listener):
 
 
 class Evaluation(Listener):
-    """Evaluates every ``train.eval_every`` epochs and after the last; keeps the best model in ``best/``."""
+    """Evaluates every ``train.eval_every`` epochs and after the last; keeps the best model in ``best/``.
+
+    What is evaluated follows the data: COCO instances give box AP (and mask AP, as ``segm_*`` keys and
+    ``metrics_segm.json``, when the model has a mask head); COCO panoptic data gives PQ/SQ/RQ for a model with a
+    mask head, and box AP of the segments (things and stuff) for a detector. The best model is the one with the
+    highest AP, or PQ.
+    """
 
     def on_epoch_end(self, trainer: TrainerView, record: Record) -> None:
         t, epoch = trainer.config.train, record["epoch"]
         due = (t.eval_every and epoch % t.eval_every == 0) or epoch == t.epochs
         if trainer.val_set is None or not due:
             return
+        # panoptic data: PQ for a model with a mask head; box AP of its segments for a detector (the first stage)
+        panoptic = trainer.config.data.format == "coco_panoptic" and bool(getattr(trainer.model.config, "masks", False))
+        task = "panoptic" if panoptic else "bbox"
+        metrics = self._evaluate(trainer, task)
+        keys = PANOPTIC_METRIC_KEYS if panoptic else COCO_METRIC_KEYS
+        record.update({k: metrics[k] for k in keys})
+        segm = None
+        if not panoptic and getattr(trainer.model.config, "masks", False) and trainer.config.data.format == "coco":
+            segm = self._evaluate(trainer, "segm")
+            record.update({f"segm_{k}": segm[k] for k in COCO_METRIC_KEYS})
+        trainer.metrics = metrics
+        if not trainer.is_main:
+            return
+        write_metrics(metrics, trainer.run_dir / "metrics.json")
+        if segm is not None:
+            write_metrics(segm, trainer.run_dir / "metrics_segm.json")
+        if panoptic:
+            log.info("epoch %d: PQ %.4f  SQ %.4f  RQ %.4f", epoch, metrics["PQ"], metrics["SQ"], metrics["RQ"])
+        else:
+            log.info("epoch %d: AP %.4f  AP50 %.4f  AP75 %.4f", epoch, metrics["AP"], metrics["AP50"], metrics["AP75"])
+        score = metrics["PQ"] if panoptic else metrics["AP"]
+        if score > trainer.state.best_ap:
+            trainer.state.best_ap = score
+            trainer.export("best")
+
+    @staticmethod
+    def _evaluate(trainer: TrainerView, task: str) -> dict[str, float]:
+        t = trainer.config.train
         metrics, _ = evaluate_model(
             trainer.eval_model(),
             trainer.val_set,
@@ -211,16 +245,10 @@ class Evaluation(Listener):
             device=trainer.device,
             num_workers=trainer.config.data.num_workers,
             amp=t.amp,
+            task=task,
+            panoptic_gt_dir=getattr(trainer.val_set, "png_dir", None) if task == "panoptic" else None,
         )
-        record.update({k: metrics[k] for k in COCO_METRIC_KEYS})
-        trainer.metrics = metrics
-        if not trainer.is_main:
-            return
-        write_metrics(metrics, trainer.run_dir / "metrics.json")
-        log.info("epoch %d: AP %.4f  AP50 %.4f  AP75 %.4f", epoch, metrics["AP"], metrics["AP50"], metrics["AP75"])
-        if metrics["AP"] > trainer.state.best_ap:
-            trainer.state.best_ap = metrics["AP"]
-            trainer.export("best")
+        return metrics
 
 
 class JsonlLog(Listener):

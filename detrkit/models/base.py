@@ -17,7 +17,7 @@ from ..config import ModelConfig
 from ..files import save_pretrained
 from ..images import load_image_tensor, pad_batch
 from ..labels import LabelMap
-from ..postprocess import postprocess
+from ..postprocess import postprocess, postprocess_instances, postprocess_panoptic
 from ..transforms import eval_transforms
 
 
@@ -30,6 +30,7 @@ class Detections:
     scores: Tensor
     labels: Tensor
     names: list[str]
+    masks: Tensor | None = None  # (n, H, W) bool at the original image size, for models with a mask head
 
     def __len__(self) -> int:
         return len(self.scores)
@@ -57,9 +58,10 @@ class Detector(nn.Module):
         self.config = config
         if config.category_ids is not None:
             names = config.class_names or tuple(str(c) for c in config.category_ids)
-            self.label_map = LabelMap(config.category_ids, names)
+            self.label_map = LabelMap(config.category_ids, names, isthing=config.class_isthing)
         else:
-            self.label_map = LabelMap.default(config.num_classes)
+            default = LabelMap.default(config.num_classes)
+            self.label_map = LabelMap(default.category_ids, default.names, isthing=config.class_isthing)
 
     # -- helpers for subclasses -------------------------------------------------------------------------------
     @staticmethod
@@ -161,29 +163,81 @@ class Detector(nn.Module):
     ) -> list[Detections]:
         """Detect objects in PIL images, file paths, ``(3,H,W)`` tensors (uint8, or float in [0, 1]) or HWC uint8
         arrays; a single image or a list. Images are resized so their shorter side is ``size`` (longer side at most
-        ``max_size``; both default to the model's training values), normalised and batched with padding.
+        ``max_size``; both default to the model's training values), normalised and batched with padding. The EXIF
+        orientation tag is ignored: boxes are in the file's stored pixel grid, as COCO's are.
 
-        Returns one :class:`Detections` per image, boxes in the original image's pixels.
+        Returns one :class:`Detections` per image, boxes in the original image's pixels; with a mask head, each
+        detection's binary mask at the original size too (``Detections.masks``).
         """
         single = not isinstance(images, (list, tuple))
-        items: Sequence[Any] = [images] if single else images
+        results: list[Detections] = []
+        for outputs, orig_sizes, image_sizes in self._forward_images(images, size, max_size, batch_size):
+            if "pred_masks" in outputs:
+                dets = postprocess_instances(
+                    outputs,
+                    orig_sizes=orig_sizes,
+                    image_sizes=image_sizes,
+                    label_map=self.label_map,
+                    threshold=threshold,
+                    top_k=top_k,
+                    focal=self.config.focal,
+                )
+            else:
+                dets = self.postprocess(outputs, orig_sizes, threshold=threshold, top_k=top_k)
+            for det in dets:
+                names = [self.label_map.names[self.label_map.to_label(int(c))] for c in det["labels"].tolist()]
+                masks = det["masks"].cpu() if "masks" in det else None
+                results.append(Detections(det["boxes"].cpu(), det["scores"].cpu(), det["labels"].cpu(), names, masks))
+        return results[0] if single else results
+
+    def predict_panoptic(
+        self,
+        images: Any,
+        threshold: float | None = None,
+        *,
+        size: int | None = None,
+        max_size: int | None = None,
+        batch_size: int = 4,
+    ) -> list[dict[str, Any]]:
+        """Panoptic segmentation (a model with a mask head): per image ``segments (H,W)`` int32 segment ids at the
+        original size (0 = void) and ``segments_info`` (``id``, ``category_id``, ``isthing``, ``score``, ``area``),
+        merged by the DETR reference's rules (``postprocess.postprocess_panoptic``: queries kept above
+        ``threshold``, by default ``config.panoptic_threshold``; stuff of one class merged, tiny segments dropped).
+        Same inputs as :meth:`predict`."""
+        if not self.config.masks:
+            raise ValueError("predict_panoptic needs a model with a mask head (model.masks=true)")
+        single = not isinstance(images, (list, tuple))
+        results: list[dict[str, Any]] = []
+        for outputs, orig_sizes, image_sizes in self._forward_images(images, size, max_size, batch_size):
+            results += postprocess_panoptic(
+                outputs,
+                orig_sizes=orig_sizes,
+                image_sizes=image_sizes,
+                label_map=self.label_map,
+                threshold=self.config.panoptic_threshold if threshold is None else threshold,
+                focal=self.config.focal,
+            )
+        return results[0] if single else results
+
+    def _forward_images(self, images: Any, size: int | None, max_size: int | None, batch_size: int):
+        """Yield ``(outputs, orig_sizes (b,2), image_sizes (b,2))`` per batch of ``images``, in eval mode."""
+        items: Sequence[Any] = [images] if not isinstance(images, (list, tuple)) else images
         was_training = self.training
         self.eval()
         device = next(self.parameters()).device
         preprocess = eval_transforms(size=size or self.config.image_size, max_size=max_size or self.config.max_size)
-        results: list[Detections] = []
         try:
             for start in range(0, len(items), batch_size):
                 images = [load_image_tensor(x) for x in items[start : start + batch_size]]
-                orig_sizes = torch.tensor([im.shape[-2:] for im in images], dtype=torch.long)
-                pixel_values, padding_mask = pad_batch([preprocess(im).as_subclass(torch.Tensor) for im in images])
-                outputs = self._inference_forward(pixel_values.to(device), padding_mask.to(device))
-                for det in self.postprocess(outputs, orig_sizes.to(device), threshold=threshold, top_k=top_k):
-                    names = [self.label_map.names[self.label_map.to_label(int(c))] for c in det["labels"].tolist()]
-                    results.append(Detections(det["boxes"].cpu(), det["scores"].cpu(), det["labels"].cpu(), names))
+                resized = [preprocess(im).as_subclass(torch.Tensor) for im in images]
+                orig_sizes = torch.tensor([im.shape[-2:] for im in images], dtype=torch.long, device=device)
+                image_sizes = torch.tensor([im.shape[-2:] for im in resized], dtype=torch.long, device=device)
+                pixel_values, padding_mask = pad_batch(resized)
+                with torch.inference_mode():
+                    outputs = self._inference_forward(pixel_values.to(device), padding_mask.to(device))
+                yield to_float(outputs), orig_sizes, image_sizes
         finally:
             self.train(was_training)
-        return results[0] if single else results
 
     # -- persistence ------------------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> Path:

@@ -21,12 +21,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..backbone import check_resnet_config
 from ..config import ModelConfig
 from ..position_encoding import sine_embed_points
 from .layers import FFN, MLP, EncoderLayer, inverse_sigmoid
 from .registry import Architecture
-from .single_scale import SINGLE_SCALE_FIELDS, SINGLE_SCALE_SHAPE_FIELDS, SingleScaleDetector
+from .single_scale import (
+    SINGLE_SCALE_FIELDS,
+    SINGLE_SCALE_SHAPE_FIELDS,
+    SingleScaleDetector,
+    check_single_scale_config,
+)
 
 
 class ConditionalSelfAttention(nn.Module):
@@ -191,10 +195,21 @@ class ConditionalTransformer(nn.Module):
         Returns: every decoder layer's normalised output ``(L,B,Q,D)`` and the reference points ``(B,Q,2)``
         (normalised x, y).
         """
+        return self.decode(self.encode(src, pos, padding_mask), pos, padding_mask, query_embed)
+
+    def encode(self, src: Tensor, pos: Tensor, padding_mask: Tensor | None) -> Tensor:
+        """The encoder: ``src (B,S,D)``, ``pos (B,S,D)``, ``padding_mask (B,S)`` or None → memory ``(B,S,D)``."""
         memory = src
         for layer in self.encoder:
             memory = layer(memory, pos, padding_mask)
-        b, d = src.shape[0], src.shape[2]
+        return memory
+
+    def decode(
+        self, memory: Tensor, pos: Tensor, padding_mask: Tensor | None, query_embed: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """The decoder: ``memory (B,S,D)``, ``pos``, ``padding_mask``, ``query_embed`` as ``forward`` → every
+        layer's normalised output ``(L,B,Q,D)`` and the reference points ``(B,Q,2)``."""
+        b, d = memory.shape[0], memory.shape[2]
         query_pos = query_embed[None].expand(b, -1, -1)  # (B, Q, D)
         reference = self.ref_point_head(query_pos).sigmoid()  # (B, Q, 2)
         sine = sine_embed_points(reference, d // 2, temperature=self.temperature)  # (B, Q, D)
@@ -212,7 +227,12 @@ class ConditionalDETR(SingleScaleDetector):
 
     Forward: ``pixel_values (B,3,H,W)``, ``padding_mask (B,H,W)`` True on padding (or None) → dict with
     ``pred_logits (B,Q,K)`` (``(B,Q,K+1)`` with ``class_loss="softmax"``), ``pred_boxes (B,Q,4)`` (normalised cx, cy,
-    w, h of the unpadded image) and ``aux_outputs`` (one dict per earlier decoder layer, when ``config.aux_loss``).
+    w, h of the unpadded image), ``aux_outputs`` (one dict per earlier decoder layer, when ``config.aux_loss``) and,
+    with ``config.masks``, ``pred_masks (B,Q,ceil(H/4),ceil(W/4))`` (DETR's mask head, ``segmentation.py``).
+
+    transformers' ``ConditionalDetrForSegmentation`` predicts its boxes without the reference points (its forward
+    is DETR's); this model predicts them from the reference points with or without masks, as its detection model
+    and the paper do.
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -234,15 +254,20 @@ class ConditionalDETR(SingleScaleDetector):
         # boxes start at the reference point with the size sigmoid(0) = half the image, as the paper's code
         nn.init.zeros_(self.bbox_embed.layers[-1].weight)
         nn.init.zeros_(self.bbox_embed.layers[-1].bias)
+        self.add_mask_head()
 
     def forward(self, pixel_values: Tensor, padding_mask: Tensor | None = None) -> dict:
-        src, pos, flat_mask = self.encode_image(pixel_values, padding_mask)
-        hs, reference = self.transformer(src, pos, flat_mask, self.query_embed.weight)  # (L,B,Q,D), (B,Q,2)
+        enc = self.encode_image(pixel_values, padding_mask)
+        memory = self.transformer.encode(enc.src, enc.pos, enc.flat_mask)  # (B, S, D)
+        hs, reference = self.transformer.decode(memory, enc.pos, enc.flat_mask, self.query_embed.weight)
         logits = self.class_embed(hs)  # (L, B, Q, K)
         offsets = self.bbox_embed(hs)  # (L, B, Q, 4)
         centre = offsets[..., :2] + inverse_sigmoid(reference)  # offsets from the reference point, logit space
         boxes = torch.cat([centre, offsets[..., 2:]], dim=-1).sigmoid()
-        return self._pack_outputs(logits, boxes)
+        out = self._pack_outputs(logits, boxes)
+        if self.config.masks:
+            out["pred_masks"] = self.masks_output(hs[-1], memory, enc)  # (B, Q, H/4, W/4)
+        return out
 
 
 ARCHITECTURE = Architecture(
@@ -250,5 +275,5 @@ ARCHITECTURE = Architecture(
     model=ConditionalDETR,
     fields=SINGLE_SCALE_FIELDS,
     shape_fields=SINGLE_SCALE_SHAPE_FIELDS,
-    check=check_resnet_config,
+    check=check_single_scale_config,
 )

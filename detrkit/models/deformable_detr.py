@@ -13,7 +13,7 @@ Legend: B batch, H×W padded input, L feature levels, h_l×w_l the map of level 
 Q queries, K classes, D model width, N decoder layers, P sampling points per head and level.
 
 Layer: models (one architecture). May import config, the building blocks and ``models`` base modules (``base``,
-``layers``, ``deformable_attention``, ``registry``), never a sibling architecture.
+``layers``, ``deformable_attention``, ``segmentation``, ``registry``), never a sibling architecture.
 """
 
 from __future__ import annotations
@@ -31,34 +31,20 @@ from .base import Detector
 from .deformable_attention import MultiScaleDeformableAttention
 from .layers import FFN, MLP, Attention, init_focal_bias, inverse_sigmoid
 from .registry import Architecture
+from .segmentation import (
+    FPN_LEVELS,
+    MASK_FIELDS,
+    MASK_SHAPE_FIELDS,
+    AttentionMaps,
+    MaskHead,
+    check_mask_config,
+    freeze_all_but_mask_head,
+    masked_group_norm,
+    predict_masks,
+)
 
 # The backbone stages that feed the transformer (strides 8, 16, 32); further levels are strided convolutions.
 BACKBONE_LEVELS = (2, 3, 4)
-
-
-def masked_group_norm(x: Tensor, norm: nn.GroupNorm, valid: Tensor | None) -> Tensor:
-    """``norm(x)`` with statistics over the valid cells only, and padded cells set to zero.
-
-    A plain GroupNorm averages over the whole padded map, so an image's features would depend on the padding its
-    batch adds. Args: ``x (B,C,h,w)``, ``valid (B,1,h,w)`` 1 on image cells (None: no padding). Returns
-    ``(B,C,h,w)``.
-    """
-    b, c, h, w = x.shape
-    g = norm.num_groups
-    if valid is None:
-        if (c // g) * h * w > 1:
-            return norm(x)
-        # One value per group (C = 32 and a 1×1 map): F.group_norm refuses it in training; the result is the bias.
-        valid = x.new_ones(b, 1, h, w)
-    xg = x.view(b, g, c // g, h, w)  # (B, G, C/G, h, w)
-    m = valid.view(b, 1, 1, h, w).to(x.dtype)
-    count = m.sum(dim=(2, 3, 4), keepdim=True) * (c // g)
-    mean = (xg * m).sum(dim=(2, 3, 4), keepdim=True) / count  # (B, G, 1, 1, 1)
-    var = ((xg - mean) * m).pow(2).sum(dim=(2, 3, 4), keepdim=True) / count
-    out = ((xg - mean) * torch.rsqrt(var + norm.eps)).view(b, c, h, w)
-    if norm.affine:
-        out = out * norm.weight[None, :, None, None] + norm.bias[None, :, None, None]
-    return out * valid.to(x.dtype)
 
 
 class DeformableEncoderLayer(nn.Module):
@@ -235,8 +221,11 @@ class DeformableDETR(Detector):
     Forward: ``pixel_values (B,3,H,W)``, ``padding_mask (B,H,W)`` True on padding (or None) → dict with
     ``pred_logits (B,Q,K)`` (``(B,Q,K+1)`` with ``class_loss="softmax"``), ``pred_boxes (B,Q,4)`` normalised cx,
     cy, w, h of the unpadded image, ``aux_outputs`` (one dict with the same keys per earlier decoder layer, when
-    ``config.aux_loss``) and, with ``two_stage``, ``enc_outputs``: the encoder's proposals for every token,
-    ``pred_logits (B,S,K)`` and ``pred_boxes (B,S,4)``, trained class-agnostically by the criterion.
+    ``config.aux_loss``), with ``two_stage``, ``enc_outputs``: the encoder's proposals for every token,
+    ``pred_logits (B,S,K)`` and ``pred_boxes (B,S,4)``, trained class-agnostically by the criterion, and with
+    ``config.masks``, ``pred_masks (B,Q,ceil(H/4),ceil(W/4))``: DETR's mask head (``segmentation.py``), each query's
+    final embedding attending to the encoder memory of the coarsest backbone level (stride 32; 16 with DC5), the
+    FPN over the backbone's layer3-layer1. No published model has it: there is no reference to match.
 
     ``mask_backbone_padding`` (detrkit's default) makes every step padding-exact: the backbone, the GroupNorm of
     the input projections (statistics over image cells only) and the two-stage proposal ranking (padded cells are
@@ -256,11 +245,13 @@ class DeformableDETR(Detector):
             raise ValueError(f"hidden_dim must be a multiple of 32 (GroupNorm(32) in the input projections), got {d}")
         n_levels = c.num_feature_levels
         levels = BACKBONE_LEVELS[-min(n_levels, len(BACKBONE_LEVELS)) :]
+        self.num_backbone_levels = len(levels)  # the backbone's last levels feed the transformer
         self.backbone = ResNetBackbone(
             c.backbone,
             dilation=c.dilation,
             trainable_stages=c.trainable_stages,
-            return_levels=levels,
+            # the mask head also upsamples with layer1-3
+            return_levels=tuple(sorted({*levels, *FPN_LEVELS})) if c.masks else levels,
             weights=c.backbone_weights,
             mask_padding=c.mask_backbone_padding,
             norm=c.backbone_norm,
@@ -269,10 +260,9 @@ class DeformableDETR(Detector):
         self.position_encoding = build_position_encoding(
             c.position_embedding, d, temperature=c.position_temperature, offset=-0.5
         )
-        proj = [
-            nn.Sequential(nn.Conv2d(ch, d, kernel_size=1), nn.GroupNorm(32, d)) for ch in self.backbone.num_channels
-        ]
-        in_ch = self.backbone.num_channels[-1]
+        channels = self.backbone.num_channels[-len(levels) :]
+        proj = [nn.Sequential(nn.Conv2d(ch, d, kernel_size=1), nn.GroupNorm(32, d)) for ch in channels]
+        in_ch = channels[-1]
         for _ in range(n_levels - len(levels)):  # coarser levels: 3×3 stride-2 convolutions (section 4.1)
             proj.append(nn.Sequential(nn.Conv2d(in_ch, d, kernel_size=3, stride=2, padding=1), nn.GroupNorm(32, d)))
             in_ch = d
@@ -312,6 +302,12 @@ class DeformableDETR(Detector):
             self.query_embed = nn.Embedding(c.num_queries, 2 * d)
             self.reference_points = nn.Linear(d, 2)
         self._reset_parameters()
+        if c.masks:  # built last, so that a seeded build initialises the detector as without them
+            all_channels = dict(zip(self.backbone.return_levels, self.backbone.num_channels, strict=True))
+            self.bbox_attention = AttentionMaps(d, c.num_heads)
+            self.mask_head = MaskHead(d, c.num_heads, tuple(all_channels[lvl] for lvl in FPN_LEVELS))
+        if c.freeze_detector:
+            freeze_all_but_mask_head(self)
 
     def _reset_parameters(self) -> None:
         """The official initialisation."""
@@ -375,22 +371,26 @@ class DeformableDETR(Detector):
 
     def multi_scale_features(
         self, pixel_values: Tensor, padding_mask: Tensor | None
-    ) -> tuple[list[Tensor], list[Tensor | None]]:
+    ) -> tuple[list[Tensor], list[Tensor | None], dict[int, tuple[Tensor, Tensor | None]]]:
         """Backbone levels projected to D with GroupNorm, plus the strided-convolution levels.
 
-        Returns L maps ``(B,D,h_l,w_l)`` and L masks ``(B,h_l,w_l)`` True on padding (all None without padding).
+        Returns L maps ``(B,D,h_l,w_l)`` and L masks ``(B,h_l,w_l)`` True on padding (all None without padding), and
+        every level the backbone computed: level → ``(features (B,C,h,w), mask (B,h,w) or None)``.
         """
         if padding_mask is not None and not bool(padding_mask.any()):
             padding_mask = None
         exact = self.config.mask_backbone_padding and padding_mask is not None
-        features = self.backbone(pixel_values, padding_mask)  # [(B, C_l, h_l, w_l), (B, h_l, w_l)]
+        computed = self.backbone(pixel_values, padding_mask)  # [(B, C_l, h_l, w_l), (B, h_l, w_l)]
+        backbone_levels = dict(zip(self.backbone.return_levels, computed, strict=True))
+        features = computed[-self.num_backbone_levels :]  # the levels that feed the transformer
+        strides = self.backbone.level_strides[-self.num_backbone_levels :]
         srcs: list[Tensor] = []
         masks: list[Tensor | None] = []
         stride = 1
         for level, (conv, norm) in enumerate(self.input_proj):
             if level < len(features):
                 feat, mask = features[level]
-                stride = self.backbone.level_strides[level]
+                stride = strides[level]
                 x = conv(feat)  # (B, D, h_l, w_l)
             else:  # from the last backbone stage, then from the previous level: (B, D, ceil(h/2), ceil(w/2))
                 x = conv(features[-1][0] if level == len(features) else srcs[-1])
@@ -399,12 +399,12 @@ class DeformableDETR(Detector):
             valid = (~mask)[:, None] if exact and mask is not None else None  # (B, 1, h_l, w_l)
             srcs.append(masked_group_norm(x, norm, valid))
             masks.append(mask)
-        return srcs, masks
+        return srcs, masks, backbone_levels
 
     def forward(self, pixel_values: Tensor, padding_mask: Tensor | None = None) -> dict:
         self._check_inputs(pixel_values, padding_mask)
         c = self.config
-        srcs, masks = self.multi_scale_features(pixel_values, padding_mask)
+        srcs, masks, backbone_levels = self.multi_scale_features(pixel_values, padding_mask)
         b, d = srcs[0].shape[:2]
         shapes = [(int(s.shape[2]), int(s.shape[3])) for s in srcs]
         flat, pos_flat = [], []
@@ -441,7 +441,30 @@ class DeformableDETR(Detector):
         out = self._pack_outputs(logits, boxes)
         if enc_outputs is not None:
             out["enc_outputs"] = enc_outputs
+        if c.masks:
+            out["pred_masks"] = self._masks_output(hs[-1], memory, srcs, masks, shapes, backbone_levels)
         return out
+
+    def _masks_output(
+        self,
+        queries: Tensor,
+        memory: Tensor,
+        srcs: list[Tensor],
+        masks: list[Tensor | None],
+        shapes: list[tuple[int, int]],
+        backbone_levels: dict[int, tuple[Tensor, Tensor | None]],
+    ) -> Tensor:
+        """``pred_masks (B,Q,h_1,w_1)`` from ``queries (B,Q,D)`` attending to the encoder ``memory (B,S,D)`` of the
+        coarsest backbone level, whose projected map ``srcs[l]`` the head reads, as DETR's reads its one level."""
+        level = self.num_backbone_levels - 1
+        start = sum(h * w for h, w in shapes[:level])
+        h, w = shapes[level]
+        level_memory = memory[:, start : start + h * w]  # (B, h·w, D)
+        fpn = [backbone_levels[lvl] for lvl in FPN_LEVELS]
+        exact = self.config.mask_backbone_padding
+        return predict_masks(
+            self.bbox_attention, self.mask_head, queries, level_memory, srcs[level], masks[level], fpn, exact=exact
+        )
 
     @staticmethod
     def _valid_ratio(mask: Tensor, dtype: torch.dtype) -> Tensor:
@@ -531,10 +554,16 @@ def _proposal_sine_embed(coords: Tensor, num_feats: int, temperature: float = 10
 
 DEFORMABLE_FIELDS = ("num_feature_levels", "enc_points", "dec_points", "box_refine", "two_stage")
 
+
+def _check_config(config: ModelConfig) -> None:
+    check_resnet_config(config)
+    check_mask_config(config)
+
+
 ARCHITECTURE = Architecture(
     name="deformable_detr",
     model=DeformableDETR,
-    fields=(*RESNET_CONFIG_FIELDS, *DEFORMABLE_FIELDS),
-    shape_fields=(*RESNET_SHAPE_FIELDS, *DEFORMABLE_FIELDS),
-    check=check_resnet_config,
+    fields=(*RESNET_CONFIG_FIELDS, *DEFORMABLE_FIELDS, *MASK_FIELDS),
+    shape_fields=(*RESNET_SHAPE_FIELDS, *DEFORMABLE_FIELDS, *MASK_SHAPE_FIELDS),
+    check=_check_config,
 )

@@ -12,11 +12,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..backbone import check_resnet_config
 from ..config import ModelConfig
 from .layers import FFN, Attention, EncoderLayer
 from .registry import Architecture
-from .single_scale import SINGLE_SCALE_FIELDS, SINGLE_SCALE_SHAPE_FIELDS, SingleScaleDetector
+from .single_scale import (
+    SINGLE_SCALE_FIELDS,
+    SINGLE_SCALE_SHAPE_FIELDS,
+    SingleScaleDetector,
+    check_single_scale_config,
+)
 
 
 class DecoderLayer(nn.Module):
@@ -86,10 +90,19 @@ class Transformer(nn.Module):
 
         Returns: ``(L, B, Q, D)`` every decoder layer's normalised output.
         """
+        return self.decode(self.encode(src, pos, padding_mask), pos, padding_mask, query_embed)
+
+    def encode(self, src: Tensor, pos: Tensor, padding_mask: Tensor | None) -> Tensor:
+        """The encoder: ``src (B,S,D)``, ``pos (B,S,D)``, ``padding_mask (B,S)`` or None → memory ``(B,S,D)``."""
         memory = src
         for layer in self.encoder:
             memory = layer(memory, pos, padding_mask)
-        query_pos = query_embed[None].expand(src.shape[0], -1, -1)  # (B, Q, D)
+        return memory
+
+    def decode(self, memory: Tensor, pos: Tensor, padding_mask: Tensor | None, query_embed: Tensor) -> Tensor:
+        """The decoder: ``memory (B,S,D)``, ``pos (B,S,D)``, ``padding_mask (B,S)`` or None, ``query_embed (Q,D)``
+        → ``(L, B, Q, D)`` every layer's normalised output."""
+        query_pos = query_embed[None].expand(memory.shape[0], -1, -1)  # (B, Q, D)
         tgt = torch.zeros_like(query_pos)  # the decoder starts from zeros; queries enter as positions (paper, A.3)
         hs = []
         for layer in self.decoder:
@@ -104,7 +117,8 @@ class DETR(SingleScaleDetector):
     Forward: ``pixel_values (B,3,H,W)``, ``padding_mask (B,H,W)`` True on padding (or None) → dict with
     ``pred_logits (B,Q,K+1)`` (``(B,Q,K)`` with ``class_loss="focal"``), ``pred_boxes (B,Q,4)`` (normalised cx,
     cy, w, h of the unpadded image) and ``aux_outputs``: one dict with the same keys per earlier decoder layer
-    (when ``config.aux_loss``).
+    (when ``config.aux_loss``); with ``config.masks``, ``pred_masks (B,Q,ceil(H/4),ceil(W/4))``: mask logits of the
+    padded input from the last layer's embeddings (``segmentation.py``).
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -122,13 +136,18 @@ class DETR(SingleScaleDetector):
             activation_dropout=c.activation_dropout,
         )
         self.add_heads()
+        self.add_mask_head()
 
     def forward(self, pixel_values: Tensor, padding_mask: Tensor | None = None) -> dict:
-        src, pos, flat_mask = self.encode_image(pixel_values, padding_mask)
-        hs = self.transformer(src, pos, flat_mask, self.query_embed.weight)  # (L, B, Q, D)
+        enc = self.encode_image(pixel_values, padding_mask)
+        memory = self.transformer.encode(enc.src, enc.pos, enc.flat_mask)  # (B, S, D)
+        hs = self.transformer.decode(memory, enc.pos, enc.flat_mask, self.query_embed.weight)  # (L, B, Q, D)
         logits = self.class_embed(hs)  # (L, B, Q, K+1)
         boxes = self.bbox_embed(hs).sigmoid()  # (L, B, Q, 4)
-        return self._pack_outputs(logits, boxes)
+        out = self._pack_outputs(logits, boxes)
+        if self.config.masks:
+            out["pred_masks"] = self.masks_output(hs[-1], memory, enc)  # (B, Q, H/4, W/4)
+        return out
 
 
 ARCHITECTURE = Architecture(
@@ -136,5 +155,5 @@ ARCHITECTURE = Architecture(
     model=DETR,
     fields=SINGLE_SCALE_FIELDS,
     shape_fields=SINGLE_SCALE_SHAPE_FIELDS,
-    check=check_resnet_config,
+    check=check_single_scale_config,
 )

@@ -33,6 +33,7 @@ COMMON_FIELDS = frozenset(
         "num_classes",
         "category_ids",
         "class_names",
+        "class_isthing",
         "backbone",
         "backbone_weights",
         "hidden_dim",
@@ -48,6 +49,7 @@ COMMON_FIELDS = frozenset(
         "aux_loss",
         "image_size",
         "max_size",
+        "panoptic_threshold",
         "options",
     }
 )
@@ -62,6 +64,9 @@ COMMON_SHAPE_FIELDS = (
     "ffn_dim",
     "num_queries",
 )
+# Shape fields a run may turn on over weights saved without them: they add a head that trains from scratch on
+# top of the weights (the DETR paper's second stage: a mask head on a trained detector).
+ADDED_HEAD_FIELDS = ("masks",)
 
 
 @dataclass(frozen=True)
@@ -186,12 +191,16 @@ def shape_fields(arch: str) -> tuple[str, ...]:
 def fine_tuning_config(config: ModelConfig, weights_config: ModelConfig) -> ModelConfig:
     """``config`` (a run's model section) with what decides the weights taken from ``weights_config`` (the config
     saved with the weights to fine-tune): the architecture, its shape fields and shape options
-    (``"options.<name>"`` in ``shape_fields``). Fields of other architectures return to their defaults."""
+    (``"options.<name>"`` in ``shape_fields``), except a head the run adds (``ADDED_HEAD_FIELDS``: ``masks=True``
+    over a detector's weights). Fields of other architectures return to their defaults."""
     arch = architecture(weights_config.arch)
     if config.arch != arch.name:
         defaults, own = ModelConfig(), set(arch.fields) | COMMON_FIELDS
         config = config.replace(**{f: getattr(defaults, f) for f in config.to_dict() if f not in own}, options={})
     fields = {k: getattr(weights_config, k) for k in arch.all_shape_fields if not k.startswith("options.")}
+    for name in ADDED_HEAD_FIELDS:
+        if name in fields and getattr(config, name) and not fields[name]:
+            fields[name] = getattr(config, name)
     options = dict(config.options)
     for name in (k.removeprefix("options.") for k in arch.all_shape_fields if k.startswith("options.")):
         options.pop(name, None)  # absent from the weights' config: the option's default
