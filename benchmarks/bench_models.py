@@ -47,7 +47,9 @@ def hf_model(arch: str) -> torch.nn.Module:
     if arch == "detr":
         return transformers.DetrForObjectDetection(transformers.DetrConfig(use_timm_backbone=False, num_labels=91))
     if arch == "detr_panoptic":  # detr-resnet-50-panoptic's architecture: 250 panoptic labels, the mask head
-        return transformers.DetrForSegmentation(transformers.DetrConfig(use_timm_backbone=False, num_labels=250))
+        resnet = transformers.ResNetConfig(out_features=["stage1", "stage2", "stage3", "stage4"])  # the FPN's too
+        cfg = transformers.DetrConfig(use_timm_backbone=False, backbone_config=resnet, num_labels=250)
+        return transformers.DetrForSegmentation(cfg)
     if arch == "conditional_detr":
         cfg = transformers.ConditionalDetrConfig(use_timm_backbone=False, num_labels=91)
         return transformers.ConditionalDetrForObjectDetection(cfg)
