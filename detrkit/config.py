@@ -111,6 +111,11 @@ class ModelConfig:
     masks: bool = False
     # Train only the mask head (the paper's second stage): every other parameter gets requires_grad=False.
     freeze_detector: bool = False
+    # How the mask head's attention maps enter its convolutions. "reference": as the paper's (a softmax over every
+    # head and position jointly, so each value is ~1/(heads·h·w): beside unit-scale features the maps barely
+    # register and the masks hardly depend on the query — published weights expect it). "unit": the same maps
+    # scaled to mean 1 over the image's cells, which lets a mask head trained from scratch learn per-query masks.
+    mask_attention_scale: str = "reference"
     # -- Deformable DETR ---------------------------------------------------------------------------------------
     num_feature_levels: int = 4  # backbone stages at strides 8/16/32 (+ extra stride-64 levels up to this count)
     enc_points: int = 4  # sampling points per head and level in the encoder's deformable attention
@@ -179,6 +184,10 @@ class ModelConfig:
                 raise ValueError(
                     f"class_isthing has {len(self.class_isthing)} entries but num_classes is {self.num_classes}"
                 )
+        if self.mask_attention_scale not in ("reference", "unit"):
+            raise ValueError(
+                f"model.mask_attention_scale must be 'reference' or 'unit', got {self.mask_attention_scale!r}"
+            )
         if self.freeze_detector and not self.masks:
             raise ValueError("freeze_detector trains the mask head alone: it needs masks=True")
 

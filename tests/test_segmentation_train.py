@@ -113,3 +113,34 @@ def test_second_stage_starts_from_the_detector(panoptic, tmp_path):
         torch.testing.assert_close(state[k], v, rtol=0, atol=0)
     trainable = {n for n, p in stage2.model.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith(("bbox_attention.", "mask_head.")) for n in trainable)
+
+
+@pytest.mark.parametrize("arch", ["detr", "deformable_detr"])
+def test_unit_attention_scale_makes_masks_depend_on_the_query(arch):
+    """The reference's jointly-softmaxed maps are ~1/(heads·h·w) each: beside unit-scale features they hardly move
+    the masks. ``mask_attention_scale="unit"`` rescales them to mean 1 over the image's cells, and stays
+    independent of the padding a batch adds."""
+    base = {"arch": arch, "backbone": "resnet18", "hidden_dim": 32, "num_heads": 4, "enc_layers": 1, "dec_layers": 1}
+    base |= {"ffn_dim": 64, "num_queries": 5, "num_classes": 3, "masks": True, "class_loss": "focal"}
+    if arch == "deformable_detr":
+        base |= {"num_feature_levels": 2, "enc_points": 2, "dec_points": 2}
+    x = torch.rand(1, 3, 64, 96)
+    spread = {}
+    for scale in ("reference", "unit"):
+        torch.manual_seed(0)
+        model = detrkit.build(**base, mask_attention_scale=scale).eval()
+        with torch.no_grad():
+            masks = model(x)["pred_masks"]  # (1, Q, h, w)
+            spread[scale] = masks.std(dim=1).mean().item()  # how much the queries' masks differ
+            if scale == "unit":  # alone vs beside a larger image: the same masks on the image's cells
+                big = torch.zeros(2, 3, 96, 128)
+                big[0, :, :64, :96] = x[0]
+                big[1] = torch.rand(3, 96, 128)
+                pad = torch.ones(2, 96, 128, dtype=torch.bool)
+                pad[0, :64, :96] = False
+                pad[1] = False
+                batched = model(big, pad)["pred_masks"][:1, :, :16, :24]
+                torch.testing.assert_close(batched, masks, rtol=0, atol=1e-4)
+    assert spread["unit"] > 10 * spread["reference"]
+    with pytest.raises(ValueError, match="mask_attention_scale must be 'reference' or 'unit'"):
+        detrkit.build(**base, mask_attention_scale="softmax")

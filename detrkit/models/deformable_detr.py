@@ -463,7 +463,15 @@ class DeformableDETR(Detector):
         fpn = [backbone_levels[lvl] for lvl in FPN_LEVELS]
         exact = self.config.mask_backbone_padding
         return predict_masks(
-            self.bbox_attention, self.mask_head, queries, level_memory, srcs[level], masks[level], fpn, exact=exact
+            self.bbox_attention,
+            self.mask_head,
+            queries,
+            level_memory,
+            srcs[level],
+            masks[level],
+            fpn,
+            exact=exact,
+            attention_scale=self.config.mask_attention_scale,
         )
 
     @staticmethod

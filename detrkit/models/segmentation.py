@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from ..config import ModelConfig
 
 # The ModelConfig fields of an architecture with the mask head, and those of them that decide its weights.
-MASK_FIELDS = ("masks", "freeze_detector")
+MASK_FIELDS = ("masks", "freeze_detector", "mask_attention_scale")
 MASK_SHAPE_FIELDS = ("masks",)
 # Every parameter of the mask head lives under these names (what ``freeze_detector`` leaves trainable).
 MASK_HEAD_PREFIXES = ("bbox_attention.", "mask_head.")
@@ -184,6 +184,7 @@ def predict_masks(
     fpn: list[tuple[Tensor, Tensor | None]],
     *,
     exact: bool,
+    attention_scale: str = "reference",
 ) -> Tensor:
     """The mask logits of every query.
 
@@ -194,11 +195,17 @@ def predict_masks(
         padding_mask: ``(B,h,w)`` True on padding, or None (no padding).
         fpn: ``(features (B,C_l,h_l,w_l), padding_mask (B,h_l,w_l) or None)`` of layer3, layer2, layer1.
         exact: the padding-exact computation (see the module docstring).
+        attention_scale: ``"reference"`` (the maps as the softmax gives them) or ``"unit"`` (scaled by heads ×
+            the image's valid cells, so their mean over the image is 1; ``ModelConfig.mask_attention_scale``).
 
     Returns ``(B,Q,h_1,w_1)``: stride 4 of the padded input.
     """
     attended = padding_mask if padding_mask is not None and bool(padding_mask.any()) else None
     attention = bbox_attention(queries, memory, features.shape[-2:], attended)  # (B, Q, nh, h, w)
+    if attention_scale == "unit":
+        b, _, nh, h, w = attention.shape
+        cells = (~padding_mask).flatten(1).sum(1) if padding_mask is not None else attention.new_full((b,), h * w)
+        attention = attention * (nh * cells.to(attention.dtype))[:, None, None, None, None]
     valid = None
     finest = fpn[-1][1]
     # padding can show at stride 4 and not at the attended map's stride: the finest map decides

@@ -120,5 +120,13 @@ class SingleScaleDetector(Detector):
         fpn = [encoded.levels[lvl] for lvl in FPN_LEVELS]
         exact = self.config.mask_backbone_padding
         return predict_masks(
-            self.bbox_attention, self.mask_head, queries, memory, encoded.projected, encoded.mask, fpn, exact=exact
+            self.bbox_attention,
+            self.mask_head,
+            queries,
+            memory,
+            encoded.projected,
+            encoded.mask,
+            fpn,
+            exact=exact,
+            attention_scale=self.config.mask_attention_scale,
         )
