@@ -25,8 +25,8 @@ pytest.importorskip("timm")
 TOLERANCE = 1e-4  # float32, max abs difference of logits and of normalised boxes
 
 
-def _hf_model(seed: int = 0, **overrides) -> torch.nn.Module:
-    """A tiny transformers DETR (d_model 64, 2+2 layers) with every weight and buffer random."""
+def tiny_hf_kwargs(**overrides) -> dict:
+    """The config of a tiny transformers DETR-family model (d_model 64, 4 heads, 2+2 layers, 12 queries)."""
     kwargs = dict(
         num_labels=3,
         id2label={0: "N/A", 1: "cat", 2: "dog"},
@@ -42,6 +42,12 @@ def _hf_model(seed: int = 0, **overrides) -> torch.nn.Module:
         use_pretrained_backbone=False,
     )
     kwargs.update(overrides)
+    return kwargs
+
+
+def _hf_model(seed: int = 0, **overrides) -> torch.nn.Module:
+    """A tiny transformers DETR (d_model 64, 2+2 layers) with every weight and buffer random."""
+    kwargs = tiny_hf_kwargs(**overrides)
     torch.manual_seed(seed)
     model = transformers.DetrForObjectDetection(transformers.DetrConfig(**kwargs))
     _randomize_(model, seed)

@@ -184,23 +184,10 @@ def _resnet18(out_features=("stage1", "stage2", "stage3", "stage4")) -> transfor
 
 def _hf_segmentation(arch: str, seed: int = 0, **overrides) -> torch.nn.Module:
     """A small transformers segmentation model (d_model 64, 8 heads, 2+2 layers) with every tensor random."""
-    from test_parity_transformers import _randomize_
+    from test_parity_transformers import _randomize_, tiny_hf_kwargs
 
-    kwargs = dict(
-        num_labels=3,
-        id2label={0: "cat", 1: "dog", 2: "sky"},
-        label2id={"cat": 0, "dog": 1, "sky": 2},
-        d_model=64,
-        encoder_layers=2,
-        decoder_layers=2,
-        encoder_attention_heads=8,
-        decoder_attention_heads=8,
-        encoder_ffn_dim=128,
-        decoder_ffn_dim=128,
-        num_queries=12,
-        use_pretrained_backbone=False,
-    )
-    kwargs.update(overrides)
+    labels = {"id2label": {0: "cat", 1: "dog", 2: "sky"}, "label2id": {"cat": 0, "dog": 1, "sky": 2}}
+    kwargs = tiny_hf_kwargs(**{**labels, "encoder_attention_heads": 8, "decoder_attention_heads": 8, **overrides})
     torch.manual_seed(seed)
     if arch == "detr":
         model = transformers.DetrForSegmentation(transformers.DetrConfig(**kwargs))

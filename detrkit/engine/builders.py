@@ -94,7 +94,7 @@ def _open_split(config: RunConfig, split: str, transforms) -> CocoDetection | Co
     if d.format == "coco_panoptic":
         pngs = getattr(d, f"{split}_panoptic_pngs") or None
         return CocoPanoptic(images, annotations, png_dir=pngs, transforms=transforms)
-    masks = bool(getattr(config.model, "masks", False))
+    masks = config.model.masks  # the segmentations are decoded only for a model with a mask head
     return _checked(CocoDetection(images, annotations, transforms=transforms, return_masks=masks), config, split)
 
 

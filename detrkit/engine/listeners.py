@@ -211,13 +211,14 @@ class Evaluation(Listener):
         if trainer.val_set is None or not due:
             return
         # panoptic data: PQ for a model with a mask head; box AP of its segments for a detector (the first stage)
-        panoptic = trainer.config.data.format == "coco_panoptic" and bool(getattr(trainer.model.config, "masks", False))
+        masks = trainer.model.config.masks
+        panoptic = trainer.config.data.format == "coco_panoptic" and masks
         task = "panoptic" if panoptic else "bbox"
         metrics = self._evaluate(trainer, task)
         keys = PANOPTIC_METRIC_KEYS if panoptic else COCO_METRIC_KEYS
         record.update({k: metrics[k] for k in keys})
         segm = None
-        if not panoptic and getattr(trainer.model.config, "masks", False) and trainer.config.data.format == "coco":
+        if masks and trainer.config.data.format == "coco":
             segm = self._evaluate(trainer, "segm")
             record.update({f"segm_{k}": segm[k] for k in COCO_METRIC_KEYS})
         trainer.metrics = metrics
