@@ -1,17 +1,28 @@
-"""COCO bbox evaluation: detrkit's evaluator against pycocotools, on a synthetic COCO-sized validation run.
+"""COCO bbox evaluation: detrkit's evaluation against pycocotools, on a synthetic COCO-sized validation run.
 
 The data imitate COCO val2017 seen through DETR: 5000 images with 7 objects each on average (about 35k boxes
 of every size range, 1% crowd regions, 80 categories with COCO's non-contiguous ids) and 100 detections per
 image (500,000): jittered copies of the objects first, then low-scored background boxes. All drawn from a
 fixed seed.
 
-Both sides start from the annotation file and the post-processed predictions (absolute xyxy float32 tensors)
-and end with the 12 numbers: detrkit runs ``CocoEvaluator(ann_file)``, ``update``, ``summarize``; pycocotools
-runs what the official DETR does (``convert_to_xywh`` and ``tolist`` per image, ``COCO(ann_file)``,
-``loadRes``, ``COCOeval`` restricted to the evaluated images). Runs alternate between the two so that changes
-in the machine's load hit both. Reported: median wall time (and, on stderr, each run's wall and CPU time).
+Two paths, each against pycocotools doing the same work, end to end (load + evaluate + summary):
 
-    python benchmarks/bench_coco_eval.py                # 5000 images, 3 runs each: ~3-7 min on 2 shared cores
+* **engine** (what training and ``detrkit eval --weights`` run): from the annotation file and the post-processed
+  predictions (absolute xyxy float32 tensors) to the 12 numbers. detrkit runs ``CocoEvaluator(ann_file)``,
+  ``update``, ``summarize`` (the per-class numbers included); pycocotools runs what the official DETR does
+  (``convert_to_xywh`` and ``tolist`` per image, ``COCO(ann_file)``, ``loadRes``, ``COCOeval`` restricted to the
+  evaluated images).
+* **results file**: from the annotation file and a COCO results JSON on disk. detrkit runs the command
+  ``detrkit eval --results FILE --annotations ANN --no-analysis`` in a fresh process (Python's start-up, the
+  imports, reading, scoring, the per-class table and ``metrics.json`` all counted); pycocotools runs
+  ``COCO(ann_file)``, ``loadRes(FILE)``, ``COCOeval`` in this process.
+
+Every run of a repeat alternates the sides (A B, then B A) so that changes in the machine's load hit both.
+Reported: median wall time (and, on stderr, each run's wall and CPU time, the subprocess' included) with the
+CPU's model. ``--backend`` picks the engine path's scoring library (default hotcoco; ``faster`` is the
+fallback); the command always uses the default.
+
+    python benchmarks/bench_coco_eval.py                # 5000 images, 3 runs each: ~5-10 min on 2 shared cores
     python benchmarks/bench_coco_eval.py --images 1000  # scaled down (7 boxes, 100 detections per image)
 """
 
@@ -21,7 +32,11 @@ import argparse
 import contextlib
 import io
 import json
+import os
+import platform
+import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -107,17 +122,40 @@ def make_predictions(gt: dict, rng: np.random.Generator) -> dict[int, dict[str, 
     return predictions
 
 
-def run_detrkit(ann_file: Path, predictions: dict[int, dict[str, torch.Tensor]]) -> dict[str, float]:
-    evaluator = CocoEvaluator(ann_file)
+def run_detrkit(ann_file: Path, predictions: dict[int, dict[str, torch.Tensor]], backend: str) -> dict[str, float]:
+    evaluator = CocoEvaluator(ann_file, backend=backend)
     evaluator.update(predictions)
-    return evaluator.summarize()
+    return dict(evaluator.summarize())
 
 
-def run_pycocotools(ann_file: Path, predictions: dict[int, dict[str, torch.Tensor]]) -> dict[str, float]:
-    """What the official DETR's CocoEvaluator does, in one process."""
+def run_detrkit_cli(ann_file: Path, results_file: Path) -> dict[str, float]:
+    """``detrkit eval --results`` in a new process; the numbers read back from its metrics.json."""
+    out = results_file.parent / "eval"
+    code = "import sys; from detrkit.cli import main; sys.exit(main(sys.argv[1:]))"
+    command = [sys.executable, "-c", code, "eval", "--annotations", str(ann_file), "--results", str(results_file)]
+    done = subprocess.run([*command, "--out", str(out), "--no-analysis"], capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"detrkit eval failed: {done.stderr[-2000:]}")
+    written = json.loads((out / "metrics.json").read_text())
+    return {k: written[k] for k in COCO_METRIC_KEYS}
+
+
+def run_pycocotools_file(ann_file: Path, results_file: Path) -> dict[str, float]:
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO(str(ann_file))
+        coco_dt = coco_gt.loadRes(str(results_file))
+        coco_eval = COCOeval(coco_gt, coco_dt, iouType="bbox")
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+        coco_eval.summarize()
+    return {k: float(v) for k, v in zip(COCO_METRIC_KEYS, coco_eval.stats, strict=True)}
+
+
+def official_results(predictions: dict[int, dict[str, torch.Tensor]]) -> list[dict]:
+    """The official DETR's conversion to a COCO results list (``convert_to_xywh`` on float32, ``tolist``)."""
     results = []
     for image_id, p in predictions.items():
         x1, y1, x2, y2 = p["boxes"].unbind(1)
@@ -127,6 +165,31 @@ def run_pycocotools(ann_file: Path, predictions: dict[int, dict[str, torch.Tenso
             {"image_id": image_id, "category_id": labels[k], "bbox": box, "score": scores[k]}
             for k, box in enumerate(boxes)
         )
+    return results
+
+
+def _cpu_time() -> float:
+    """CPU seconds of this process and of its finished children (the ``detrkit eval`` subprocess)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def run_pycocotools(ann_file: Path, predictions: dict[int, dict[str, torch.Tensor]]) -> dict[str, float]:
+    """What the official DETR's CocoEvaluator does, in one process."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    results = official_results(predictions)
     with contextlib.redirect_stdout(io.StringIO()):
         coco_gt = COCO(str(ann_file))
         coco_dt = coco_gt.loadRes(results)
@@ -144,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each side")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (the reference figures use 2)")
+    parser.add_argument("--backend", default="hotcoco", help="detrkit's scoring library: hotcoco (default) or faster")
+    parser.add_argument("--paths", nargs="+", choices=("engine", "file"), default=["engine", "file"])
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -151,33 +216,49 @@ def main(argv: list[str] | None = None) -> int:
     gt = make_ground_truth(args.images, rng)
     predictions = make_predictions(gt, rng)
     num_dets = sum(len(p["scores"]) for p in predictions.values())
-    print(f"# {len(gt['images'])} images, {len(gt['annotations'])} ground-truth boxes, {num_dets} detections",
-          file=sys.stderr)  # fmt: skip
+    print(f"# {cpu_model()}, {os.cpu_count()} logical cores; {len(gt['images'])} images, "
+          f"{len(gt['annotations'])} ground-truth boxes, {num_dets} detections", file=sys.stderr)  # fmt: skip
 
     with tempfile.TemporaryDirectory() as tmp:
         ann_file = Path(tmp) / "instances.json"
         ann_file.write_text(json.dumps(gt))
+        results_file = Path(tmp) / "results.json"
+        results_file.write_text(json.dumps(official_results(predictions)))
         del gt
-        times: dict[str, list[float]] = {"detrkit": [], "pycocotools": []}
-        metrics: dict[str, dict[str, float]] = {}
-        runners = {"detrkit": run_detrkit, "pycocotools": run_pycocotools}
+        sides = {
+            "engine": {
+                "detrkit": lambda: run_detrkit(ann_file, predictions, args.backend),
+                "pycocotools": lambda: run_pycocotools(ann_file, predictions),
+            },
+            "file": {
+                "detrkit": lambda: run_detrkit_cli(ann_file, results_file),
+                "pycocotools": lambda: run_pycocotools_file(ann_file, results_file),
+            },
+        }
+        times = {(p, s): [] for p in args.paths for s in ("detrkit", "pycocotools")}
+        metrics: dict[tuple[str, str], dict[str, float]] = {}
         for r in range(args.repeats):
-            for name in ("detrkit", "pycocotools") if r % 2 == 0 else ("pycocotools", "detrkit"):
-                start, cpu = time.perf_counter(), time.process_time()
-                metrics[name] = runners[name](ann_file, predictions)
-                times[name].append(time.perf_counter() - start)
-                cpu = time.process_time() - cpu
-                print(f"# run {r + 1} {name}: {times[name][-1]:.2f} s wall, {cpu:.2f} s CPU", file=sys.stderr)
+            for path in args.paths:
+                for name in ("detrkit", "pycocotools") if r % 2 == 0 else ("pycocotools", "detrkit"):
+                    start, cpu = time.perf_counter(), _cpu_time()
+                    metrics[path, name] = sides[path][name]()
+                    times[path, name].append(time.perf_counter() - start)
+                    cpu = _cpu_time() - cpu
+                    print(f"# run {r + 1} {path} {name}: {times[path, name][-1]:.2f} s wall, {cpu:.2f} s CPU",
+                          file=sys.stderr)  # fmt: skip
 
-    ours, ref = (statistics.median(times[k]) for k in ("detrkit", "pycocotools"))
-    equal = all(abs(metrics["detrkit"][k] - metrics["pycocotools"][k]) <= 1e-6 for k in COCO_METRIC_KEYS)
-    exact = metrics["detrkit"] == metrics["pycocotools"]
-    print(f"# metrics {json.dumps(metrics['detrkit'])}; bit-identical: {exact}", file=sys.stderr)
-    print(
-        f"coco_eval {args.images} images {num_dets} dets: detrkit {ours:.2f} s, pycocotools {ref:.2f} s, "
-        f"speedup {ref / ours:.1f}×, numbers equal: {equal}"
-    )
-    return 0 if equal else 1
+    ok = True
+    for path in args.paths:
+        ours, ref = (statistics.median(times[path, k]) for k in ("detrkit", "pycocotools"))
+        exact = metrics[path, "detrkit"] == metrics[path, "pycocotools"]
+        ok &= exact
+        label = f"CocoEvaluator, {args.backend}" if path == "engine" else "detrkit eval --results"
+        print(f"# {path} metrics {json.dumps(metrics[path, 'detrkit'])}", file=sys.stderr)
+        print(
+            f"coco_eval {path} ({label}) {args.images} images {num_dets} dets on {cpu_model()}: "
+            f"detrkit {ours:.2f} s, pycocotools {ref:.2f} s, speedup {ref / ours:.1f}×, bit-identical: {exact}"
+        )
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ QUICK_ARGS = {
     "bench_matcher.py": ["--runs", "7"],
     "bench_deform_attn.py": ["--quick"],
     "bench_models.py": ["--runs", "2"],
+    "bench_onnx.py": ["--runs", "1", "--arch", "detr", "--sizes", "512x512"],
+    "bench_train_real.py": ["--steps", "2", "--warmup", "1", "--max-size", "320"],
 }
 
 

@@ -3,20 +3,52 @@
 Public API: ``detrkit.build`` (a new model from a config), ``detrkit.load`` (saved or published weights) and the
 model's ``predict``.
 
+The names are imported when first used (PEP 562 ``__getattr__``): ``import detrkit`` and the ``detrkit`` command
+do not import torch until a command or a name needs it (``detrkit --help`` and ``detrkit eval --results`` never
+do).
+
 Layer: the package root (the public API); re-exports from every layer below the CLI.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from .checkpoint import build as _build
-from .checkpoint import load
-from .config import LossConfig, ModelConfig, load_run_config
-from .labels import LabelMap
-from .models import Detections, Detector, architecture
+if TYPE_CHECKING:
+    from .checkpoint import load
+    from .config import LossConfig, ModelConfig, load_run_config  # noqa: F401
+    from .labels import LabelMap
+    from .models import Detections, Detector, architecture  # noqa: F401
+    from .models.onnx_detector import OnnxDetector  # noqa: F401
 
 __version__ = "0.1.0"
+
+# name -> the module that defines it, imported on first use
+_LAZY = {
+    "load": "detrkit.checkpoint",
+    "LossConfig": "detrkit.config",
+    "ModelConfig": "detrkit.config",
+    "load_run_config": "detrkit.config",
+    "LabelMap": "detrkit.labels",
+    "Detections": "detrkit.models",
+    "Detector": "detrkit.models",
+    "architecture": "detrkit.models",
+    "OnnxDetector": "detrkit.models.onnx_detector",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'detrkit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # found directly from now on
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 
 def build(
@@ -30,6 +62,10 @@ def build(
     With ``label_map`` (for instance ``dataset.label_map``) the class count and the category ids and names come
     from the dataset.
     """
+    from .checkpoint import build as _build
+    from .config import ModelConfig, load_run_config
+    from .models import architecture
+
     if config is None:
         config = ModelConfig()
         if "arch" in overrides:
@@ -51,4 +87,14 @@ def build(
     return _build(config)
 
 
-__all__ = ["Detections", "Detector", "LabelMap", "LossConfig", "ModelConfig", "build", "load", "__version__"]
+__all__ = [
+    "Detections",
+    "Detector",
+    "LabelMap",
+    "LossConfig",
+    "ModelConfig",
+    "OnnxDetector",
+    "build",
+    "load",
+    "__version__",
+]

@@ -47,6 +47,13 @@ def check_resnet_config(config: Any) -> None:
         raise ValueError(f"unknown backbone {config.backbone!r} for {config.arch}; known: {', '.join(RESNET_CHANNELS)}")
 
 
+def exporting() -> bool:
+    """Whether ``torch.onnx.export`` or ``torch.export`` is tracing the model. Data-dependent shortcuts (``if
+    mask.any()``) must then take their general path: a trace records the branch its example took, and a graph
+    that skips the masking because the example had no padding is silently wrong on a padded batch."""
+    return torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
+
+
 def _stride_mask(valid: Tensor, stride: int) -> Tensor:
     """Validity of feature cells at ``stride`` from pixel validity ``valid (B,H,W)`` → ``(B,1,ceil(H/s),ceil(W/s))``.
 
@@ -116,13 +123,21 @@ class ResNetBackbone(nn.Module):
         for pname, p in self.body.named_parameters():
             p.requires_grad_(pname.startswith(trainable) if trainable else False)
 
+    def train(self, mode: bool = True) -> ResNetBackbone:
+        # A fused optimizer step and BatchNorm's running statistics change weights in place without bumping their
+        # version counters, so folded weights cached by an evaluation would outlive the training that follows it:
+        # going (back) to training drops them. Inference (eval(), then train(False)) keeps its cache.
+        if mode:
+            self.__dict__.pop("_fold_cache", None)
+        return super().train(mode)
+
     def forward(self, pixel_values: Tensor, padding_mask: Tensor | None = None) -> list[tuple[Tensor, Tensor | None]]:
         """Args: ``pixel_values (B,3,H,W)``, ``padding_mask (B,H,W)`` True on padding, or None.
 
         Returns, per requested level: ``(features (B,C_l,h_l,w_l), padding_mask (B,h_l,w_l) or None)``; the
         features are channels-last in memory when the folded path ran (see :meth:`_conv`).
         """
-        masking = self.mask_padding and padding_mask is not None and bool(padding_mask.any())
+        masking = self.mask_padding and padding_mask is not None and (exporting() or bool(padding_mask.any()))
         valid = ~padding_mask if padding_mask is not None else None
         cache: dict[int, Tensor] = {}
 

@@ -33,6 +33,7 @@ from .files import (
     save_pretrained,
 )
 from .models import Detector, build_model, fine_tuning_config
+from .models.denoising import TRAINING_ONLY_PREFIXES
 from .models.segmentation import MASK_HEAD_PREFIXES
 
 log = logging.getLogger("detrkit")
@@ -229,7 +230,12 @@ def init_from_weights(model_config: ModelConfig, weights: str) -> Detector:
         reinit = sorted({k for k in target if k.startswith("class_embed.")} | set(reinit))
     for k in reinit:
         state.pop(k, None)
+    # training-only queries (models/denoising.py): a run may turn them on over weights without them (they start
+    # from scratch) or off over weights with them (dropped)
+    for k in [k for k in state if k.startswith(TRAINING_ONLY_PREFIXES) and k not in target]:
+        state.pop(k)
     missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith(TRAINING_ONLY_PREFIXES)]
     # a detector's weights fine-tuned with a mask head (the paper's second stage): the head starts from scratch
     stage_two = model.config.masks and not source.config.masks
     new_head = [k for k in missing if stage_two and k.startswith(MASK_HEAD_PREFIXES)]

@@ -1,4 +1,4 @@
-"""The ``detrkit`` command: train, eval, predict, convert, demo and doctor.
+"""The ``detrkit`` command: train, eval, predict, explain, report, export, convert, demo and doctor.
 
 Layer: entry points, the top. May import every other layer; nothing imports it (but ``__main__``).
 """
@@ -55,31 +55,33 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluation import evaluate_model, evaluate_panoptic, evaluate_results_file, write_metrics
+    # A results file is scored without torch (scoring and analysis never import it): start-up stays short.
+    from .scoring import evaluate_panoptic, evaluate_results_file, write_metrics
 
     out = Path(args.out)
     task = args.task
     if task != "panoptic" and (args.gt_dir or args.results_dir):
         raise CliError("detrkit eval: --gt-dir and --results-dir are PNG folders of --task panoptic")
+    analysis = task != "panoptic" and not args.no_analysis
     if args.results:
         if task == "panoptic":
             metrics = evaluate_panoptic(args.annotations, args.gt_dir, args.results, args.results_dir)
         else:
-            metrics = evaluate_results_file(args.annotations, args.results, iou_type=task)
+            metrics = evaluate_results_file(args.annotations, args.results, iou_type=task, analysis=analysis)
     else:
         if not args.weights or not args.images:
             raise CliError("detrkit eval: give --results FILE, or --weights W and --images DIR")
         if args.results_dir:
             raise CliError("detrkit eval: --results-dir is the PNG folder of --results")
-        from .checkpoint import load
+        from .evaluation import evaluate_model
         from .transforms import eval_transforms
 
         device = _device(args)
-        model = _optimized(load(args.weights, map_location=device), args)
+        model = _model(args, device)
         size = args.size or model.config.image_size
         max_size = args.max_size or model.config.max_size
         transforms = eval_transforms(size=size, max_size=max_size)
-        run = {"batch_size": args.batch_size, "device": device, "progress": True, "task": task}
+        run = {"batch_size": args.batch_size, "device": device, "progress": True, "task": task, "analysis": analysis}
         out.mkdir(parents=True, exist_ok=True)
         if task == "panoptic":
             from .evaluation import CocoImages
@@ -104,12 +106,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
             (out / "results.json").write_text(json.dumps(results))
     write_metrics(metrics, out / "metrics.json")
     print(_metrics_table(metrics))
-    print(f"wrote {out / 'metrics.json'}")
+    written = [out / "metrics.json"]
+    if getattr(metrics, "per_class", None):
+        from .analysis import format_errors, format_per_class, save_plots
+
+        print(format_per_class(metrics.per_class))
+        if metrics.errors:
+            print(format_errors(metrics.errors))
+        if analysis:
+            written += save_plots(metrics, out)
+    print(f"wrote {', '.join(str(p) for p in written)}")
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .checkpoint import load
     from .visualize import draw_detections, save_image
 
     paths: list[Path] = []  # as given: a folder's images are the folder's path joined with their names
@@ -133,8 +143,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             f"detrkit predict: --out {out} holds input images ({inside[0]}...): the drawings would overwrite them; "
             "choose another --out"
         )
-    device = _device(args)
-    model = _optimized(load(args.weights, map_location=device), args)
+    model = _model(args, _device(args))
     out.mkdir(parents=True, exist_ok=True)
     records = []
     names = dict(zip(paths, _drawing_names(paths), strict=True))
@@ -211,10 +220,91 @@ def _probability(text: str) -> float:
     return value
 
 
+def _model(args: argparse.Namespace, device):
+    """``--weights`` loaded for ``--backend``: a PyTorch model (``--fast``/``--bf16`` applied) or an ``OnnxDetector``
+    (``--weights`` is then a file written by ``detrkit export``)."""
+    if args.backend == "onnxruntime":
+        if args.fast or args.bf16 or args.device not in ("auto", "cpu"):
+            raise CliError(f"detrkit {args.command} --backend onnxruntime runs on the CPU; --fast and --bf16 are "
+                           "PyTorch options")  # fmt: skip
+        from .models.onnx_detector import OnnxDetector
+
+        return OnnxDetector(args.weights)
+    from .checkpoint import load
+
+    return _optimized(load(args.weights, map_location=device), args)
+
+
 def _optimized(model, args: argparse.Namespace):
     if args.fast or args.bf16:
         model.optimize_for_inference(bf16=args.bf16)
     return model
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from .checkpoint import load
+    from .explain import explain
+    from .visualize import save_explanation
+
+    image = Path(args.image)
+    if not image.is_file():
+        raise CliError(f"detrkit explain: no such image: {image}")
+    pixels = None
+    if args.pixel:
+        try:
+            pixels = [tuple(float(v) for v in p.split(",")) for p in args.pixel]
+        except ValueError:
+            pixels = [()]
+        if any(len(p) != 2 for p in pixels):
+            raise CliError(f"detrkit explain: --pixel takes X,Y (pixels of the image), got {' '.join(args.pixel)}")
+    model = load(args.weights, map_location=_device(args))
+    exp = explain(model, image, top_k=args.top, threshold=args.threshold, pixels=pixels, layer=args.layer)
+    if len(exp.detections) == 0:
+        print(f"{image}: no detection scores {args.threshold} or more: nothing to explain (lower --threshold)")
+        return 0
+    written = save_explanation(exp, args.out, image.stem)
+    for name, score, query in zip(exp.detections.names, exp.detections.scores.tolist(), exp.queries.tolist(),
+                                  strict=True):  # fmt: skip
+        print(f"  query {query}: {name} {score:.2f}")
+    print(f"wrote {', '.join(str(p) for p in written)} (layer {exp.layer}; recomputation error {exp.max_error:.1e})")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    run = Path(args.run_dir)
+    if not run.is_dir():
+        raise CliError(f"detrkit report: no such run folder: {run}")
+    path = write_report(run, out=args.out, device=_device(args), max_images=args.images, threshold=args.threshold)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .checkpoint import load
+
+    model = load(args.weights, map_location="cpu")
+    report = model.export_onnx(
+        args.out,
+        size=tuple(args.size) if args.size else None,
+        dynamic=not args.fixed_shape,
+        batch_size=args.batch_size,
+        msda=args.msda,
+        with_postprocess=args.with_postprocess,
+        top_k=args.top_k,
+        quantize=args.quantize,
+        opset=args.opset,
+    )
+    shape = "dynamic batch, height and width" if report.dynamic else f"fixed {args.batch_size}x3x{report.size[0]}x"
+    shape += "" if report.dynamic else f"{report.size[1]}"
+    print(f"wrote {report.path} ({model.config.arch}, {shape}; {report.seconds:.0f} s)")
+    print(f"  inputs {', '.join(report.inputs)}; outputs {', '.join(report.outputs)}")
+    for name, diffs in report.checks.items():
+        print(f"  checked against PyTorch, {name}: max |Δ| " + ", ".join(f"{k} {d:.1e}" for k, d in diffs.items()))
+    for name, diffs in report.quantized_checks.items():
+        print(f"  int8 graph against PyTorch, {name}: max |Δ| " + ", ".join(f"{k} {d:.1e}" for k, d in diffs.items()))
+    return 0
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -337,8 +427,8 @@ def _config_reference() -> str:
     ) + (
         "\n\nmodel.num_classes and the category ids and names come from the training annotations.\n"
         "The run directory (train.output_dir) receives config.yaml, log.jsonl, checkpoints/, best/, model/, "
-        "metrics.json and curves.png. A run directory that already holds a run is refused: continue it with "
-        "--resume auto, or replace it with --overwrite."
+        "metrics.json, curves.png, query_stats.json and report.html. A run directory that already holds a run is "
+        "refused: continue it with --resume auto, or replace it with --overwrite."
     )
 
 
@@ -370,7 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite",
         action="store_true",
         help="replace the run already in the run directory: its log.jsonl, checkpoints/, best/, model/, "
-        "metrics.json, curves.png and tensorboard/ are removed first (without this or --resume, a run directory "
+        "metrics.json, curves.png, query_stats.json, report.html and tensorboard/ are removed first (without this "
+        "or --resume, a run directory "
         "that holds a run is refused)",
     )
     t.set_defaults(func=cmd_train)
@@ -380,11 +471,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="COCO bbox, mask (segm) or panoptic metrics of weights on a dataset, or of a results JSON",
         description="Evaluate --weights on --images/--annotations, or an existing results JSON (--results) "
         "against --annotations. --task bbox and segm print the 12 COCO numbers (pycocotools' iouType bbox / "
-        "segm); --task panoptic prints PQ, SQ, RQ for all categories, things and stuff (panopticapi's "
-        "pq_compute; --annotations is then the panoptic JSON, its PNGs in the folder of the same name without "
-        ".json unless --gt-dir says otherwise, and likewise --results with --results-dir). Writes "
-        "OUT/metrics.json, and when it ran a model OUT/results.json (bbox, segm) or OUT/panoptic.json with "
-        "the PNG folder OUT/panoptic/ (panoptic).",
+        "segm), the same numbers per class, and an error analysis (see --no-analysis); --task panoptic prints "
+        "PQ, SQ, RQ for all categories, things and stuff (panopticapi's pq_compute; --annotations is then the "
+        "panoptic JSON, its PNGs in the folder of the same name without .json unless --gt-dir says otherwise, "
+        "and likewise --results with --results-dir). Writes "
+        "OUT/metrics.json (with 'per_class' and 'errors' for bbox and segm), the pictures, and when it ran a model "
+        "OUT/results.json (bbox, segm) or OUT/panoptic.json with the PNG folder OUT/panoptic/ (panoptic).",
     )
     e.add_argument("--task", choices=["bbox", "segm", "panoptic"], default="bbox", help="what to score (default: bbox)")
     e.add_argument("--annotations", required=True, help="COCO instances JSON (panoptic: panoptic JSON) of the truth")
@@ -404,6 +496,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="fold BatchNorm into convolutions and use channels-last (same results up to float rounding)",
     )
     e.add_argument("--bf16", action="store_true", help="--fast plus bfloat16 autocast (faster, less exact)")
+    e.add_argument(
+        "--backend",
+        choices=("pytorch", "onnxruntime"),
+        default="pytorch",
+        help="onnxruntime: --weights is an .onnx file written by `detrkit export`",
+    )
+    e.add_argument(
+        "--no-analysis",
+        action="store_true",
+        help="bbox/segm: only the 12 numbers and the per-class table (fastest); by default the error analysis "
+        "(TIDE error types and their cost in AP50, a confusion matrix) is added to metrics.json, and "
+        "pr_curves.png, errors.png and confusion.png are written",
+    )
     e.set_defaults(func=cmd_eval)
 
     pr = sub.add_parser(
@@ -428,7 +533,87 @@ def build_parser() -> argparse.ArgumentParser:
         help="fold BatchNorm into convolutions and use channels-last (same results up to float rounding)",
     )
     pr.add_argument("--bf16", action="store_true", help="--fast plus bfloat16 autocast (faster, less exact)")
+    pr.add_argument(
+        "--backend",
+        choices=("pytorch", "onnxruntime"),
+        default="pytorch",
+        help="onnxruntime: --weights is an .onnx file written by `detrkit export` (same detections within 1e-4)",
+    )
     pr.set_defaults(func=cmd_predict)
+
+    x = sub.add_parser(
+        "explain",
+        help="attention or sampling maps of a model's top detections on an image, as PNGs",
+        description="Recompute, explicitly, what the model attends to on IMAGE (the normal forward pass keeps no "
+        "attention weights): DETR and Conditional DETR: the decoder cross-attention of the top detections "
+        "(OUT/<image>_decoder.png) and the encoder self-attention at chosen pixels, by default the detections' "
+        "centres (OUT/<image>_encoder.png); Deformable DETR: each detection's sampling points on every level, "
+        "sized by attention weight (OUT/<image>_sampling.png); YOLOS: the detection tokens' attention over the "
+        "patches (OUT/<image>_tokens.png). The API, detrkit.explain.explain, returns the tensors.",
+    )
+    x.add_argument("weights", help="detrkit folder, transformers folder, official .pth or Hub id")
+    x.add_argument("image")
+    x.add_argument("--out", default="explain", help="output folder (default: explain)")
+    x.add_argument("--top", type=_positive_int, default=5, help="explain the K best detections (default: 5)")
+    x.add_argument("--threshold", type=_probability, default=0.0, help="... scoring at least this (default: 0)")
+    x.add_argument("--pixel", nargs="+", metavar="X,Y", help="encoder self-attention at these image pixels")
+    x.add_argument("--layer", type=int, default=-1, help="decoder layer (YOLOS: block) to explain (default: -1, last)")
+    x.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    x.set_defaults(func=cmd_explain)
+
+    r = sub.add_parser(
+        "report",
+        help="write RUN_DIR/report.html: one self-contained page about a training run",
+        description="Write report.html for a training run folder (training writes it when it completes): the "
+        "config, training curves, the COCO metrics, per-class results and error analysis (when metrics.json has "
+        "them), a gallery of the worst and best validation images (predictions beside ground truth), attention or "
+        "sampling maps, and how the queries learn. Pictures are embedded: the file opens from the file system.",
+    )
+    r.add_argument("run_dir", help="the run folder (train.output_dir)")
+    r.add_argument("--out", help="where to write the page (default: RUN_DIR/report.html)")
+    r.add_argument("--images", type=int, default=100, help="validation images to run the model on (default: 100)")
+    r.add_argument("--threshold", type=_probability, default=0.3, help="score of drawn detections (default: 0.3)")
+    r.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    r.set_defaults(func=cmd_report)
+
+    ex = sub.add_parser(
+        "export",
+        help="write a model as an ONNX graph, checked against PyTorch in onnxruntime",
+        description="Export WEIGHTS (anything --weights takes) to OUT.onnx: inputs pixel_values (B,3,H,W) float32 "
+        "and padding_mask (B,H,W) bool, True on padding; outputs pred_logits, pred_boxes (+ pred_masks). Batch, "
+        "height and width are dynamic (H and W multiples of 32). The graph is run in onnxruntime at the export "
+        "size, at another size and on a padded batch of two and compared with PyTorch: if any output differs by "
+        "more than 1e-4 the export fails and nothing is written.",
+    )
+    ex.add_argument("weights", help="detrkit folder, transformers folder, official .pth or Hub id")
+    ex.add_argument("out", help="the .onnx file to write")
+    ex.add_argument(
+        "--size", type=_positive_int, nargs=2, metavar=("H", "W"), help="export size, multiples of 32 (default: "
+        "the model's image_size, square)"
+    )  # fmt: skip
+    ex.add_argument("--fixed-shape", action="store_true", help="fix batch, H and W to --batch-size x --size")
+    ex.add_argument("--batch-size", type=_positive_int, default=1, help="batch of a --fixed-shape graph (default 1)")
+    ex.add_argument(
+        "--msda",
+        choices=("grid_sample", "gather"),
+        default="grid_sample",
+        help="Deformable DETR's sampling: GridSample, or gathers (for runtimes that mis-handle GridSample)",
+    )
+    ex.add_argument(
+        "--with-postprocess",
+        action="store_true",
+        help="add input orig_sizes (B,2) [h,w] and outputs scores, labels (category ids), boxes (absolute xyxy): "
+        "the top --top-k detections, no detrkit code needed to read them",
+    )
+    ex.add_argument("--top-k", type=_positive_int, default=100, help="detections per image of --with-postprocess")
+    ex.add_argument(
+        "--quantize",
+        choices=("int8",),
+        help="int8 weights for the transformer's matrix products (heads, attention scores and deformable "
+        "sampling stay float); see the README for the accuracy and speed measured",
+    )
+    ex.add_argument("--opset", type=_positive_int, default=18, help="ONNX opset (default 18)")
+    ex.set_defaults(func=cmd_export)
 
     c = sub.add_parser(
         "convert",
@@ -444,8 +629,8 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="generate a synthetic dataset, train, evaluate and predict (minutes on a CPU)",
         description="Generates a small synthetic COCO-format dataset of coloured shapes in OUT/data, trains the "
-        "demo config on it, evaluates on its val split and writes metrics.json, curves.png and val images with "
-        "predicted boxes to OUT/run.",
+        "demo config on it, evaluates on its val split and writes metrics.json, curves.png, report.html and val "
+        "images with predicted boxes to OUT/run.",
     )
     d.add_argument(
         "--task",

@@ -18,6 +18,8 @@ from typing import Any
 
 # Old names of ModelConfig fields, still read from config.json files and overrides written before the rename.
 RENAMED_MODEL_FIELDS = {"nheads": "num_heads", "dim_feedforward": "ffn_dim"}
+# How panoptic post-processing gives pixels to queries (``ModelConfig.panoptic_merge``, ``postprocess_panoptic``).
+PANOPTIC_MERGES = ("reference", "score")
 
 
 def _check_finite(config: Any, section: str) -> None:
@@ -104,6 +106,10 @@ class ModelConfig:
     # Panoptic post-processing keeps the queries scoring above this (the reference's 0.85 for softmax DETR; focal
     # models trained briefly score lower): an inference default that travels with the model, like image_size.
     panoptic_threshold: float = 0.85
+    # Which kept query a pixel goes to. "reference": the highest mask logit (DETR's PostProcessPanoptic).
+    # "score": the highest score × mask probability (Mask2Former's merging), so that a doubtful query's mask
+    # yields to a confident one's: a lower threshold then lets real objects in without their false neighbours.
+    panoptic_merge: str = "reference"
     # Options of an architecture that are not fields here: validated by its ``Architecture.options`` dataclass.
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
     # -- ResNet architectures (DETR, Conditional DETR, Deformable DETR) ---------------------------------------
@@ -116,12 +122,33 @@ class ModelConfig:
     # register and the masks hardly depend on the query — published weights expect it). "unit": the same maps
     # scaled to mean 1 over the image's cells, which lets a mask head trained from scratch learn per-query masks.
     mask_attention_scale: str = "reference"
+    # Deformable DETR: the backbone stage whose encoder memory the mask head attends to (DETR's is its one level).
+    # 4: stride 32, as DETR; 3: stride 16, four times the cells, so each query's maps can tell apart objects a
+    # stride-32 cell would hold together (small images, small objects).
+    mask_feature_level: int = 4
+    # -- Training-only queries (DETR, Conditional DETR, Deformable DETR; models/denoising.py) -----------------
+    # Denoising (DN-DETR; DINO's CDN): noised copies of every target as extra decoder queries, hidden from the
+    # matched queries, reconstructing their target without matching. 0 = off; DN-DETR uses 5 groups.
+    dn_groups: int = 0
+    dn_label_noise: float = 0.25  # probability that a copy's label is replaced by a random class (DINO: 0.5·0.5)
+    dn_box_noise: float = 0.4  # corner jitter as a fraction of the half-size (DN-DETR 0.4; DINO 1.0)
+    dn_contrastive: bool = False  # DINO: a negative copy per target (jittered 1-2× further), taught "no object"
+    # One-to-many branch (H-DETR): extra queries matched to the targets repeated one_to_many_repeat times. 0 = off.
+    one_to_many_queries: int = 0
+    one_to_many_repeat: int = 6
     # -- Deformable DETR ---------------------------------------------------------------------------------------
     num_feature_levels: int = 4  # backbone stages at strides 8/16/32 (+ extra stride-64 levels up to this count)
     enc_points: int = 4  # sampling points per head and level in the encoder's deformable attention
     dec_points: int = 4  # ... and in the decoder's cross-attention
     box_refine: bool = False  # iterative bounding-box refinement (a box head per decoder layer)
-    two_stage: bool = False  # encoder proposals become the decoder's reference boxes and query positions
+    # encoder proposals become the decoder's reference boxes and query positions (also Conditional DETR's query
+    # selection: its anchors)
+    two_stage: bool = False
+    # DINO's mixed query selection (two-stage only): proposals give the reference boxes and positions, the content
+    # queries stay learned embeddings (the encoder's features are too coarse to be content).
+    mixed_query_selection: bool = False
+    # DINO's look forward twice (box refinement only): a layer's box loss also trains the previous layer's box.
+    look_forward_twice: bool = False
     # -- YOLOS (arch "yolos", backbone "vit"): hidden_dim, num_heads, enc_layers (ViT depth), ffn_dim and
     # num_queries (detection tokens) come from the fields above.
     patch_size: int = 16
@@ -143,9 +170,16 @@ class ModelConfig:
         _check_range(self, "model", "ffn_dim", low=1)
         _check_range(self, "model", "trainable_stages", low=0, high=5)
         _check_range(self, "model", "panoptic_threshold", low=0, high=1)
+        if self.panoptic_merge not in PANOPTIC_MERGES:
+            raise ValueError(f"model.panoptic_merge must be one of {PANOPTIC_MERGES}, got {self.panoptic_merge!r}")
         _check_range(self, "model", "position_temperature", low=0, low_open=True)
         for name in ("dropout", "attention_dropout", "activation_dropout"):
             _check_range(self, "model", name, low=0, high=1, high_open=True)
+        _check_range(self, "model", "dn_label_noise", low=0, high=1)
+        _check_range(self, "model", "dn_box_noise", low=0)
+        for name in ("dn_groups", "one_to_many_queries"):
+            _check_range(self, "model", name, low=0)
+        _check_range(self, "model", "one_to_many_repeat", low=1)
         for name in ("num_feature_levels", "enc_points", "dec_points", "patch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
@@ -188,6 +222,8 @@ class ModelConfig:
             raise ValueError(
                 f"model.mask_attention_scale must be 'reference' or 'unit', got {self.mask_attention_scale!r}"
             )
+        if self.mask_feature_level not in (3, 4):
+            raise ValueError(f"model.mask_feature_level must be 3 or 4, got {self.mask_feature_level}")
         if self.freeze_detector and not self.masks:
             raise ValueError("freeze_detector trains the mask head alone: it needs masks=True")
 
@@ -231,10 +267,14 @@ class LossConfig:
     focal_gamma: float = 2.0
     weight_mask: float = 1.0  # per-pixel sigmoid focal loss on matched masks (models with masks only)
     weight_dice: float = 1.0  # DICE loss on matched masks (models with masks only)
+    # IoU-aware classification (focal models): a matched query's class target is its box's IoU with the target
+    # instead of 1 (varifocal loss, as RT-DETR/DEIM), so scores rank detections by box quality.
+    iou_aware: bool = False
+    weight_one_to_many: float = 1.0  # the one-to-many branch's loss against the one-to-one loss (H-DETR: 1)
 
     def __post_init__(self) -> None:
         _check_finite(self, "loss")
-        weights = ("weight_ce", "weight_bbox", "weight_giou", "weight_mask", "weight_dice")
+        weights = ("weight_ce", "weight_bbox", "weight_giou", "weight_mask", "weight_dice", "weight_one_to_many")
         for name in ("cost_class", "cost_bbox", "cost_giou", *weights, "focal_gamma"):
             _check_range(self, "loss", name, low=0)
         _check_range(self, "loss", "eos_coef", low=0, high=1, low_open=True)
@@ -263,6 +303,8 @@ class DataConfig:
     eval_size: int = 800
     eval_max_size: int = 1333
     num_workers: int = 2
+    # training batches of landscape-only or portrait-only images (detectron2's grouping): less padding to compute on
+    group_by_aspect_ratio: bool = True
 
     def __post_init__(self) -> None:
         _check_finite(self, "data")
@@ -309,6 +351,10 @@ class TrainConfig:
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
     init_weights: str | None = None  # fine-tune from these weights (detrkit folder, transformers folder, .pth, Hub id)
     max_steps_per_epoch: int = 0  # 0: the whole dataset; >0 caps each epoch (smoke tests, quick looks)
+    # training images (eval transforms) matched every quarter epoch to record which query takes each object
+    # (query_stats.json, the report's "How the queries learn"); 0: off
+    query_stats_images: int = 32
+    report: bool = True  # write report.html into the run folder when training completes
 
     def __post_init__(self) -> None:
         _check_finite(self, "train")
@@ -341,6 +387,7 @@ class TrainConfig:
             "eval_every",
             "checkpoint_every_steps",
             "max_steps_per_epoch",
+            "query_stats_images",
         ):
             _check_range(self, "train", name, low=0)
         _check_range(self, "train", "min_lr_ratio", low=0, high=1)

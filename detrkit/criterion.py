@@ -9,6 +9,9 @@ fundamentalvision/Deformable-DETR models/deformable_detr.py), used by Deformable
 ``mask_loss=True`` adds the segmentation losses of DETR Sec. 4.4 on the last layer's matched queries: a sigmoid
 focal loss per pixel and the DICE loss (Milletari et al. 2016) of each predicted mask against its target's
 (official ``loss_masks``, facebookresearch/detr models/detr.py, and models/segmentation.py).
+Training-only queries (``models/denoising.py``): denoising queries reconstruct the target they were copied from
+without matching (DN-DETR, DINO's contrastive negatives learn "no object"); the one-to-many branch is matched to
+the targets repeated (H-DETR). ``iou_aware=True`` replaces the focal loss by the varifocal loss with IoU targets.
 
 Tensors: B batch, Q queries, K classes, C class logits (K+1 softmax with no-object last, or K focal), N_b
 targets of image b, M = Σ min(Q, N_b) matched pairs; h×w the mask logits' map (a quarter of the padded input),
@@ -71,8 +74,15 @@ class SetCriterion(nn.Module):
         mask_loss: bool = False,
         weight_mask: float = 1.0,
         weight_dice: float = 1.0,
+        iou_aware: bool = False,
+        weight_one_to_many: float = 1.0,
     ) -> None:
         super().__init__()
+        if iou_aware and not focal:
+            raise ValueError(
+                "SetCriterion(iou_aware=True) needs focal=True: the IoU is the target of a sigmoid score "
+                "(varifocal loss); softmax classification has no such target"
+            )
         if num_classes < 1:
             raise ValueError(f"SetCriterion needs num_classes >= 1, got {num_classes}")
         if isinstance(matcher, HungarianMatcher) and matcher.focal != focal:
@@ -93,6 +103,8 @@ class SetCriterion(nn.Module):
         self.focal_gamma = float(focal_gamma)
         self.mask_loss = bool(mask_loss)
         self.mask_weights = {"loss_mask": float(weight_mask), "loss_dice": float(weight_dice)}
+        self.iou_aware = bool(iou_aware)
+        self.weight_one_to_many = float(weight_one_to_many)
         # Cross-entropy class weights: 1 for the K classes, eos_coef for no-object (DETR's "empty_weight").
         empty_weight = torch.ones(num_classes + 1)
         empty_weight[-1] = eos_coef
@@ -104,6 +116,8 @@ class SetCriterion(nn.Module):
         text = f"num_classes={self.num_classes}, {weights}, " + (mode if self.focal else f"eos_coef={self.eos_coef}")
         if self.mask_loss:
             text += ", mask_loss=True, " + ", ".join(f"weight_{k[5:]}={v}" for k, v in self.mask_weights.items())
+        if self.iou_aware:
+            text += ", iou_aware=True"
         return text
 
     def match(self, outputs: dict, targets: list[dict[str, Tensor]]) -> Indices:
@@ -124,7 +138,10 @@ class SetCriterion(nn.Module):
                 ``aux_outputs`` (a list of dicts with the same two keys, one per earlier decoder layer) and
                 ``enc_outputs`` (two-stage proposals, matched class-agnostically: every target labelled 0).
                 With ``mask_loss``: ``pred_masks`` (B, Q, h, w), the mask logits of the padded input at
-                stride 4 (last layer only).
+                stride 4 (last layer only). Training-only queries (``models/denoising.py``): ``denoising``
+                (``pred_logits`` (B, Qd, C), ``pred_boxes``, ``aux_outputs``, ``groups``, ``parts``), trained
+                without matching, and ``one_to_many`` (the same keys and ``repeat``), matched to every target
+                repeated ``repeat`` times.
             targets: B dicts with ``labels`` (N_b,) int64 and ``boxes`` (N_b, 4) normalised cxcywh; with
                 ``mask_loss`` also ``masks`` (N_b, H_b, W_b) bool at the image's unpadded size.
             indices: the last layer's matching if the caller has it already (``match``); computed otherwise.
@@ -133,7 +150,8 @@ class SetCriterion(nn.Module):
             ``loss``: the weighted sum over all layers, to call ``backward`` on. ``loss_ce``, ``loss_bbox``,
             ``loss_giou``: the last layer's unweighted terms; ``aux/{i}/loss_ce`` (etc.) for
             ``aux_outputs[i]`` and ``enc/loss_ce`` (etc.) for ``enc_outputs``; with ``mask_loss`` the last
-            layer's unweighted ``loss_mask`` and ``loss_dice``. Logged metrics of the last layer, without
+            layer's unweighted ``loss_mask`` and ``loss_dice``; ``dn/loss_ce`` (etc., ``dn/aux/{i}/...``) and
+            ``o2m/loss_ce`` (etc.) for the training-only queries. Logged metrics of the last layer, without
             gradient: ``cardinality_error`` and ``class_error``. All are scalar tensors.
         """
         last = _layer(outputs)
@@ -178,10 +196,79 @@ class SetCriterion(nn.Module):
             terms = self._mask_losses(outputs, targets, layer_indices[0], num_boxes)
             losses.update(terms)
             total = total + sum(self.mask_weights[k] * v for k, v in terms.items())
+        if "denoising" in outputs:
+            terms, dn_total = self._denoising_losses(outputs["denoising"], targets, num_boxes)
+            losses.update(terms)
+            total = total + dn_total
+        if "one_to_many" in outputs:
+            terms, o2m_total = self._one_to_many_losses(outputs["one_to_many"], targets, num_boxes)
+            losses.update(terms)
+            total = total + self.weight_one_to_many * o2m_total
 
         losses["loss"] = total
         losses.update(self._metrics(last["pred_logits"], targets, matched))
         return losses
+
+    def _denoising_losses(
+        self, dn: dict, targets: list[dict[str, Tensor]], num_boxes: float
+    ) -> tuple[dict[str, Tensor], Tensor]:
+        """The denoising queries' losses (DN-DETR Sec. 3.3; DINO Sec. 3.3), without matching: in each group, the
+        positive copy of target ``s`` (slot ``s`` of part 0) reconstructs its box and class, the negative copy
+        (part 1, contrastive only) is classified "no object", padding slots are ignored. Normalised by the number
+        of targets times the groups, as every group is a full set of targets.
+
+        Returns the unweighted terms (``dn/...``) and their weighted sum over layers.
+        """
+        logits = dn["pred_logits"]  # (B, Qd, C)
+        groups, parts = int(dn["groups"]), int(dn["parts"])
+        b, qd = logits.shape[:2]
+        slots = qd // (groups * parts)
+        device = logits.device
+        sizes = [len(t["labels"]) for t in targets]
+        # Query index of (group g, part 0, slot s): g·P·S + s; slot s < N_b holds target s of image b.
+        batch_idx, query_idx, tgt_idx = [], [], []
+        for i, n in enumerate(sizes):
+            slot = torch.arange(n)
+            query = (torch.arange(groups)[:, None] * (parts * slots) + slot[None]).flatten()  # (G·N_b,)
+            batch_idx.append(torch.full_like(query, i))
+            query_idx.append(query)
+            tgt_idx.append(slot.repeat(groups))
+        batch_idx_t, query_idx_t = torch.cat(batch_idx).to(device), torch.cat(query_idx).to(device)
+        labels = torch.cat([t["labels"][j.to(t["labels"].device)] for t, j in zip(targets, tgt_idx, strict=True)])
+        boxes = torch.cat([t["boxes"][j.to(t["boxes"].device)] for t, j in zip(targets, tgt_idx, strict=True)])
+        positives = _Matched(batch_idx_t, query_idx_t, labels.to(device), boxes.to(device))
+        # padding slots (s ≥ N_b, in either part) take no loss
+        slot_of_query = torch.arange(qd, device=device) % slots  # (Qd,)
+        ignore = slot_of_query[None] >= torch.tensor(sizes, device=device)[:, None]  # (B, Qd)
+        normaliser = num_boxes * groups
+
+        losses: dict[str, Tensor] = {}
+        total = logits.new_zeros(())
+        layers = [("dn/", _layer(dn))] + [(f"dn/aux/{i}/", _layer(a)) for i, a in enumerate(dn.get("aux_outputs", []))]
+        for prefix, layer in layers:
+            terms = self._layer_losses(layer, positives, normaliser, ignore=ignore)
+            losses.update({prefix + k: v for k, v in terms.items()})
+            total = total + self._weighted(terms)
+        return losses, total
+
+    def _one_to_many_losses(
+        self, o2m: dict, targets: list[dict[str, Tensor]], num_boxes: float
+    ) -> tuple[dict[str, Tensor], Tensor]:
+        """H-DETR's hybrid branch (Sec. 3.2): the one-to-many queries matched, layer by layer, to the targets
+        repeated ``repeat`` times, normalised by as many boxes. Returns the terms (``o2m/...``) and their
+        weighted sum."""
+        k = int(o2m["repeat"])
+        repeated = [{"labels": t["labels"].repeat(k), "boxes": t["boxes"].repeat(k, 1)} for t in targets]
+        layers = [_layer(o2m), *(_layer(a) for a in o2m.get("aux_outputs", []))]
+        device = o2m["pred_logits"].device
+        losses: dict[str, Tensor] = {}
+        total = o2m["pred_logits"].new_zeros(())
+        for i, (layer, indices) in enumerate(zip(layers, self._match_layers(layers, repeated), strict=True)):
+            terms = self._layer_losses(layer, _Matched.gather(repeated, indices, device), num_boxes * k)
+            prefix = "o2m/" if i == 0 else f"o2m/aux/{i - 1}/"
+            losses.update({prefix + name: v for name, v in terms.items()})
+            total = total + self._weighted(terms)
+        return losses, total
 
     def _match_layers(self, layers: list[dict[str, Tensor]], targets: list[dict[str, Tensor]]) -> list[Indices]:
         """The matching of each layer; layers of one shape are stacked into one batch for the matcher."""
@@ -196,10 +283,15 @@ class SetCriterion(nn.Module):
     def _weighted(self, terms: dict[str, Tensor]) -> Tensor:
         return sum(self.weights[k] * v for k, v in terms.items())  # type: ignore[return-value]
 
-    def _layer_losses(self, layer: dict[str, Tensor], matched: _Matched, num_boxes: float) -> dict[str, Tensor]:
-        """Unweighted ``loss_ce``, ``loss_bbox``, ``loss_giou`` of one layer."""
+    def _layer_losses(
+        self, layer: dict[str, Tensor], matched: _Matched, num_boxes: float, *, ignore: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        """Unweighted ``loss_ce``, ``loss_bbox``, ``loss_giou`` of one layer; queries where ``ignore (B,Q)`` is True
+        take no classification loss (the denoising queries' padding slots)."""
         logits, boxes = layer["pred_logits"], layer["pred_boxes"]
         batch_idx, query_idx = matched.batch_idx, matched.query_idx
+        src_boxes = boxes[batch_idx, query_idx]  # (M, 4)
+        tgt_boxes = matched.boxes.to(src_boxes)  # (M, 4)
 
         # Every query gets a class target: its matched target's label, or no-object.
         num_logits = logits.shape[-1]
@@ -210,21 +302,53 @@ class SetCriterion(nn.Module):
             # One-hot over K; unmatched queries are all-zero rows (the official code scatters into K+1 columns
             # and drops the last one).
             onehot = F.one_hot(target_classes, num_logits + 1)[..., :-1].to(logits.dtype)  # (B, Q, K)
-            loss_ce = sigmoid_focal_loss(logits, onehot, num_boxes, alpha=self.focal_alpha, gamma=self.focal_gamma)
+            if self.iou_aware:
+                loss_ce = self._varifocal(logits, onehot, matched, src_boxes, tgt_boxes, num_boxes, ignore)
+            elif ignore is None:
+                loss_ce = sigmoid_focal_loss(logits, onehot, num_boxes, alpha=self.focal_alpha, gamma=self.focal_gamma)
+            else:
+                elementwise = _focal_elementwise(logits, onehot, alpha=self.focal_alpha, gamma=self.focal_gamma)
+                loss_ce = (elementwise * (~ignore)[..., None]).sum() / num_boxes
         else:
             # The weighted mean over all queries, normalised by the weight total averaged over processes (not
             # by this process's own total, as F.cross_entropy would): like ``num_boxes``, this makes N
             # processes of batch b compute the same gradient as one process of batch N·b.
             weights = self.empty_weight.to(logits.dtype)[target_classes]  # (B, Q)
+            if ignore is not None:
+                weights = weights * (~ignore)
             ce = F.cross_entropy(logits.transpose(1, 2), target_classes, reduction="none")  # (B, Q)
-            loss_ce = (weights * ce).sum() / all_reduce_mean(weights.sum().detach())
+            # (clamped: a batch whose every query is ignored has a zero total; its loss is then 0, still in the
+            # graph, so every parameter takes part in each step as DDP requires)
+            loss_ce = (weights * ce).sum() / all_reduce_mean(weights.sum().detach()).clamp(min=1e-6)
 
-        src_boxes = boxes[batch_idx, query_idx]  # (M, 4)
-        tgt_boxes = matched.boxes.to(src_boxes)  # (M, 4)
         loss_bbox = F.l1_loss(src_boxes, tgt_boxes, reduction="sum") / num_boxes
         giou = elementwise_generalized_box_iou(box_cxcywh_to_xyxy(src_boxes), box_cxcywh_to_xyxy(tgt_boxes))
         loss_giou = (1 - giou).sum() / num_boxes
         return {"loss_ce": loss_ce, "loss_bbox": loss_bbox, "loss_giou": loss_giou}
+
+    def _varifocal(
+        self,
+        logits: Tensor,
+        onehot: Tensor,
+        matched: _Matched,
+        src_boxes: Tensor,
+        tgt_boxes: Tensor,
+        num_boxes: float,
+        ignore: Tensor | None,
+    ) -> Tensor:
+        """IoU-aware classification: the varifocal loss (Zhang et al. 2021, "VarifocalNet", Eq. 2; RT-DETR's
+        ``loss_labels_vfl``). A matched query's target at its class is its box's IoU with the target (no
+        gradient), negatives are down-weighted by alpha·p^gamma as in the focal loss, positives weighted by their
+        target, so the score learns to rank queries by how well they localise."""
+        with torch.no_grad():
+            iou = _elementwise_iou(box_cxcywh_to_xyxy(src_boxes), box_cxcywh_to_xyxy(tgt_boxes))  # (M,)
+            scores = torch.zeros_like(onehot)  # (B, Q, K)
+            scores[matched.batch_idx, matched.query_idx] = onehot[matched.batch_idx, matched.query_idx] * iou[:, None]
+            weight = self.focal_alpha * logits.sigmoid().pow(self.focal_gamma) * (1 - onehot) + scores
+            if ignore is not None:
+                weight = weight * (~ignore)[..., None]
+        loss = F.binary_cross_entropy_with_logits(logits, scores, weight=weight, reduction="none")
+        return loss.sum() / num_boxes
 
     def _mask_losses(
         self, outputs: dict, targets: list[dict[str, Tensor]], indices: Indices, num_boxes: float
@@ -325,6 +449,15 @@ class _Matched:
         labels = torch.cat([t["labels"][j] for t, (_, j) in pairs]).to(device)
         boxes = torch.cat([t["boxes"][j] for t, (_, j) in pairs]).to(device)
         return _Matched(batch_idx, query_idx, labels, boxes)
+
+
+def _elementwise_iou(a: Tensor, b: Tensor) -> Tensor:
+    """IoU of corresponding xyxy boxes ``a (M,4)``, ``b (M,4)`` → ``(M,)``; 0 for degenerate pairs."""
+    wh = (torch.minimum(a[:, 2:], b[:, 2:]) - torch.maximum(a[:, :2], b[:, :2])).clamp(min=0)
+    inter = wh[:, 0] * wh[:, 1]
+    area_a = (a[:, 2:] - a[:, :2]).clamp(min=0).prod(1)
+    area_b = (b[:, 2:] - b[:, :2]).clamp(min=0).prod(1)
+    return inter / (area_a + area_b - inter).clamp(min=1e-7)
 
 
 def _layer(outputs: dict) -> dict[str, Tensor]:

@@ -576,6 +576,10 @@ class CocoDetection(Dataset):
     def image_path(self, index: int) -> Path:
         return self.image_dir / self._images[self.ids[index]]["file_name"]
 
+    def image_size(self, index: int) -> tuple[int, int]:
+        """``(height, width)`` of sample ``index`` as stored (the JSON's, else the file header's), read no pixels."""
+        return self._sizes[self.ids[index]]
+
     def load_image(self, index: int) -> Image.Image:
         """The RGB PIL image of sample ``index``, untransformed (see :func:`detrkit.images.read_rgb`)."""
         return read_annotated_image(self.image_path(index), self._images[self.ids[index]], self.ann_file)

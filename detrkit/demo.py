@@ -329,7 +329,7 @@ def run_demo(out_dir: Path = Path("demo_run"), overrides: list[str] | None = Non
     pred_dir = Path(config.train.output_dir) / "predictions"
     # focal (sigmoid) scores of a model trained for minutes are modest: draw from 0.3 so the pictures show what it finds
     for path, det in zip(val_images, model.predict(val_images, threshold=0.3), strict=True):
-        save_image(draw_detections(path, det), pred_dir / path.name)
+        save_image(draw_detections(path, det, min_side=256), pred_dir / path.name)  # enlarged: labels need room
     total = time.perf_counter() - start
     run = Path(config.train.output_dir)
     print()
@@ -345,7 +345,17 @@ def run_demo(out_dir: Path = Path("demo_run"), overrides: list[str] | None = Non
     print("  " + " ".join(f"{metrics.get(k, float('nan')):8.3f}" for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")))
     print(f"  time: {total / 60:.1f} min ({train_time / 60:.1f} min data + training + evaluation)")
     print(f"  run directory: {run}  (metrics.json, curves.png, log.jsonl, model/, predictions/)")
+    _print_report(run)
     return metrics
+
+
+def _print_report(run: Path) -> None:
+    """The report's path (training writes it when it completes), or how to write it."""
+    report = run / "report.html"
+    if report.is_file():
+        print(f"  report: {report.resolve()}  (open it in a browser: curves, gallery, attention, queries)")
+    else:
+        print(f"  no report.html was written (see the log); write it with: detrkit report {run}")
 
 
 def run_panoptic_demo(out_dir: Path = Path("demo_run_panoptic"), overrides: list[str] | None = None) -> dict:
@@ -385,6 +395,9 @@ def run_panoptic_demo(out_dir: Path = Path("demo_run_panoptic"), overrides: list
     for task in ("segm", "bbox"):
         metrics[task], _ = evaluate_model(model, things, batch_size=config.train.batch_size, task=task)
         write_metrics(metrics[task], run / f"metrics_{task}.json")
+    from .report import write_report
+
+    write_report(run, model=model, batch_size=config.train.batch_size)  # again: with the mask and box AP files
     val_images = sorted(Path(paths["val_images"]).glob("*.png"))[:8]
     for path, seg in zip(val_images, model.predict_panoptic(val_images), strict=True):
         save_image(draw_panoptic(path, seg["segments"], seg["segments_info"]), run / "predictions" / path.name)
@@ -396,4 +409,5 @@ def run_panoptic_demo(out_dir: Path = Path("demo_run_panoptic"), overrides: list
           f"box AP {metrics['bbox']['AP']:.3f}  AP50 {metrics['bbox']['AP50']:.3f}  (things)")  # fmt: skip
     print(f"  time: {total / 60:.1f} min (data + training + evaluation)")
     print(f"  run directory: {run}  (metrics.json = PQ, metrics_segm.json, metrics_bbox.json, model/, predictions/)")
+    _print_report(run)
     return metrics

@@ -117,7 +117,40 @@ class DatasetReport:
         n_err, n_fix, n_warn = (sum(i.count for i in kinds) for kinds in (self.errors, self.fixups, self.warnings))
         verdict = "REFUSED: fix the errors above" if n_err else "OK"
         lines.append(f"result    {verdict} ({n_err} error(s), {n_fix} fix-up(s), {n_warn} warning(s))")
+        lines += [f"suggest   {text}" for text in self.suggestions()]
         return "\n".join(lines)
+
+    def suggestions(self) -> list[str]:
+        """Settings the statistics call for (issue 18), each with the figure it comes from.
+
+        - ``model.num_queries``: three times the 99th percentile of objects per image (and at least the most
+          objects of an image): every object needs a query, and a set predictor learns faster when only a few
+          queries per object compete (the demo: at most 4 objects, 10 queries).
+        - the input size: single-scale DETR and Conditional DETR read stride 32 (16 with ``feature_level=3``); an
+          object spanning less than about two cells there is hard for them to localise, so when the median
+          object does, a larger ``image_size`` / ``data.eval_size`` (or ``feature_level=3``, or the multi-scale
+          Deformable DETR, whose finest level is stride 8) is suggested.
+        """
+        out: list[str] = []
+        per_image = self.boxes_per_image
+        if len(per_image) and per_image.max() > 0:
+            p99 = float(np.quantile(per_image, 0.99))
+            queries = max(int(per_image.max()), int(np.ceil(3 * p99)))
+            out.append(
+                f"model.num_queries={queries} (99% of images have at most {p99:.0f} objects, the most is "
+                f"{int(per_image.max())})"
+            )
+        if len(self.box_pixels):
+            median = float(np.median(self.box_pixels))
+            cells = median / 32
+            if cells < 2:
+                size = int(np.ceil(self.image_size * 64 / max(median, 1e-6) / 32) * 32)
+                out.append(
+                    f"the median object spans {cells:.1f} stride-32 cells at image_size {self.image_size}: for DETR "
+                    f"and Conditional DETR use model.feature_level=3 or image_size/data.eval_size ≈ {size} "
+                    "(two cells); Deformable DETR (strides 8-64) handles it as is"
+                )
+        return out
 
     def _format_stats(self) -> list[str]:
         w, h = self.image_sizes[:, 0], self.image_sizes[:, 1]

@@ -308,6 +308,10 @@ class CocoPanoptic(Dataset):
         info = self.index.images[self.ids[index]]
         return read_annotated_image(self.image_path(index), info, self.ann_file)
 
+    def image_size(self, index: int) -> tuple[int, int]:
+        """``(height, width)`` of sample ``index``: the JSON's, else the file header's."""
+        return self._image_size(index)
+
     def _image_size(self, index: int) -> tuple[int, int]:
         info = self.index.images[self.ids[index]]
         if is_int(info.get("height")) and is_int(info.get("width")):

@@ -15,7 +15,7 @@ image size.
 Tensors: B batch, Q queries, K classes, n detections kept for an image; h×w the mask logits' map, (H, W) an
 image's size after the transforms (the valid region of the padded input), (H0, W0) its original size.
 
-Layer: building blocks. May import ``box_ops`` and ``labels``.
+Layer: building blocks. May import ``box_ops``, ``labels`` and ``config`` (for its list of merging rules).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from detrkit.box_ops import box_cxcywh_to_xyxy
+from detrkit.config import PANOPTIC_MERGES
 from detrkit.labels import LabelMap
 
 __all__ = ["postprocess", "postprocess_instances", "postprocess_panoptic", "postprocess_semantic"]
@@ -176,6 +177,7 @@ def postprocess_panoptic(
     min_area: int = 5,
     focal: bool = False,
     padded_size: tuple[int, int] | None = None,
+    merge: str = "reference",
 ) -> list[dict[str, Any]]:
     """One panoptic segmentation per image: a segment-id map and what each segment is.
 
@@ -190,6 +192,10 @@ def postprocess_panoptic(
        segments of fewer than ``min_area`` pixels there, giving their pixels to the remaining queries by
        running 2-4 again, until no segment is that small.
 
+    ``merge="score"`` changes rule 2 only: a pixel goes to the kept query with the highest score × mask
+    probability (Mask2Former's merging, Cheng et al. 2022), so that a low-scoring query's mask yields to a confident
+    query's where they overlap; the reference compares mask logits alone.
+
     The reference merges stuff (3) only in its first pass, then drops the emptied duplicates as small and
     re-runs the argmax without them; here 3 holds in every pass, so a class's stuff pixels stay one segment.
 
@@ -203,6 +209,7 @@ def postprocess_panoptic(
             (it drops segments of 4 pixels or less).
         focal: sigmoid scores over K classes instead of a softmax over K+1.
         padded_size: [h, w] of the padded input; default 4·(h, w).
+        merge: ``"reference"`` (rule 2 as above) or ``"score"`` (score-weighted mask probabilities).
 
     Returns:
         B dicts: ``segments`` (H0, W0) int32 segment ids, 0 where no segment is (void); ``segments_info``, one
@@ -224,6 +231,8 @@ def postprocess_panoptic(
         )
     if min_area < 0:
         raise ValueError(f"min_area must be >= 0, got {min_area}")
+    if merge not in PANOPTIC_MERGES:
+        raise ValueError(f"merge must be one of {PANOPTIC_MERGES}, got {merge!r}")
     pred_masks = _pred_masks(outputs)
     padded = _padded_size(pred_masks, padded_size)
     sizes = _image_sizes(image_sizes, batch, padded)
@@ -243,6 +252,9 @@ def postprocess_panoptic(
         kept = keep.nonzero()[:, 0]  # (n,) in query order
         orig = (int(orig_sizes[i, 0]), int(orig_sizes[i, 1]))
         mask_logits = _to_image_chunked(pred_masks[i, kept], padded, sizes[i])  # (n, H, W)
+        if merge == "score":
+            # log(score · sigmoid(logit)): the argmax of the product, in logs so that tiny probabilities stay ordered
+            mask_logits = F.logsigmoid(mask_logits) + scores[kept].log()[:, None, None]
         segments, info = _panoptic_segments(
             mask_logits, scores[kept], labels[kept], isthing_of, category_of, orig, min_area
         )

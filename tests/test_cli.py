@@ -20,6 +20,7 @@ from detrkit.evaluation import COCO_METRIC_KEYS
         ("eval", ["--weights", "--images", "--annotations", "--results", "--out", "metrics.json"]),
         ("predict", ["--weights", "--out", "--threshold", "IMAGE_OR_DIR", "detections.json", "--fast", "--bf16"]),
         ("convert", ["source", "dest"]),
+        ("export", ["weights", "out", "--fixed-shape", "--msda", "--with-postprocess", "--quantize", "1e-4"]),
         ("demo", ["--out"]),
     ],
 )
@@ -83,7 +84,7 @@ def test_eval_with_weights_then_with_its_results_file(shapes, weights, tmp_path)
     args = ["eval", "--weights", str(weights), "--images", str(shapes["val_images"])]
     assert main(args + ["--annotations", str(shapes["val_annotations"]), "--out", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert list(metrics) == list(COCO_METRIC_KEYS)
+    assert list(metrics) == [*COCO_METRIC_KEYS, "per_class", "errors", "pr_curves"]  # issue 16: per class
     results = out / "results.json"
     assert json.loads(results.read_text())[0].keys() == {"image_id", "category_id", "bbox", "score"}
     out2 = tmp_path / "eval2"

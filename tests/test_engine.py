@@ -81,7 +81,10 @@ def test_run_directory(shapes, tmp_path):
     run = tmp_path / "run"
     metrics = Trainer(tiny_config(shapes, run, "train.keep_last=2", "train.checkpoint_every_steps=1")).fit()
     assert set(metrics) == set(COCO_METRIC_KEYS)
-    assert json.loads((run / "metrics.json").read_text()).keys() == set(COCO_METRIC_KEYS)
+    written = json.loads((run / "metrics.json").read_text())
+    assert written.keys() == {*COCO_METRIC_KEYS, "per_class", "pr_curves", "errors"}  # errors: after the last epoch
+    assert set(written["errors"]["overall"]["dAP50"]) == {"cls", "loc", "both", "dupe", "bkg", "miss"}
+    assert all((run / name).stat().st_size > 1000 for name in ("pr_curves.png", "errors.png", "confusion.png"))
     assert load_run_config(run / "config.yaml").model.num_classes == 3  # derived from the data
     assert len(list((run / "checkpoints").glob("step-*.pt"))) == 2  # keep_last
     for name in ("model", "best"):

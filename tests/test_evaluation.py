@@ -171,7 +171,7 @@ def gt_file(tmp_path: Path, synthetic) -> Path:
 # Parity with pycocotools
 
 
-@pytest.mark.parametrize("backend", ["faster", "pycocotools"])
+@pytest.mark.parametrize("backend", ["hotcoco", "faster", "pycocotools"])
 def test_synthetic_matches_pycocotools(gt_file: Path, synthetic, backend: str) -> None:
     gt, predictions, updated = synthetic
     evaluator = CocoEvaluator(gt_file, backend=backend)
@@ -246,7 +246,7 @@ def test_empty_detections_give_zero_and_minus_one(synthetic) -> None:
     # Only images without ground truth: no area range holds any object, so every metric is -1 ...
     no_gt_ids = sorted(set(image_ids) - {a["image_id"] for a in gt["annotations"]})
     for ids in (image_ids, no_gt_ids[:2]):
-        for backend in ("faster", "pycocotools"):
+        for backend in ("hotcoco", "faster", "pycocotools"):
             evaluator = CocoEvaluator(gt, backend=backend)
             evaluator.update(dict.fromkeys(ids, empty))
             assert_metrics_equal(evaluator.summarize(), pycocotools_metrics(gt, [], image_ids=ids))
@@ -274,7 +274,7 @@ def test_ground_truth_defaults_and_no_mutation(synthetic) -> None:
     for ann in filled["annotations"]:
         ann["area"], ann["iscrowd"] = ann["bbox"][2] * ann["bbox"][3], 0
     expected = pycocotools_metrics(filled, to_coco_results(predictions), image_ids=list(predictions))
-    for backend in ("faster", "pycocotools"):
+    for backend in ("hotcoco", "faster", "pycocotools"):
         evaluator = CocoEvaluator(gt, backend=backend)
         evaluator.update(predictions)
         assert_metrics_equal(evaluator.summarize(), expected)
@@ -339,7 +339,7 @@ def test_missing_pycocotools_is_a_clear_import_error(synthetic, monkeypatch: pyt
     monkeypatch.setitem(sys.modules, "pycocotools", None)
     monkeypatch.setitem(sys.modules, "pycocotools.coco", None)
     evaluator = CocoEvaluator(synthetic[0], backend="pycocotools", all_images=True)
-    with pytest.raises(ImportError, match="backend='faster' gives the same numbers"):
+    with pytest.raises(ImportError, match="backend=.hotcoco. gives the same numbers"):
         evaluator.summarize()
 
 

@@ -53,6 +53,8 @@ def build_criterion(config: RunConfig, num_classes: int) -> SetCriterion:
         mask_loss=getattr(config.model, "masks", False),  # dice + focal on pred_masks (DETR Sec. 4.4)
         weight_mask=lc.weight_mask,
         weight_dice=lc.weight_dice,
+        iou_aware=lc.iou_aware,
+        weight_one_to_many=lc.weight_one_to_many,
     )
 
 

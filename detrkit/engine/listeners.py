@@ -13,19 +13,23 @@ the trainer is built. Files open in ``on_fit_start`` and close in ``on_close``, 
 - ``Checkpoints``: ``config.yaml``; ``checkpoints/`` every ``train.checkpoint_every_steps``, each epoch and on a
   stop signal; ``model/`` when training completes (hard links to ``best/``'s files when they are identical).
 - ``Curves``: ``curves.png`` when training completes.
+- ``QueryStats``: ``query_stats.json``, which query the matcher gives each object of a fixed probe set of
+  training images, at the start and every quarter epoch (``train.query_stats_images``).
+- ``Report``: ``report.html`` when training completes (``train.report``; ``detrkit.report``).
 - ``StopOnSignal``: Ctrl-C/SIGTERM ask the trainer to stop after the current step (a second signal stops at once).
 
 Only rank 0 writes files; evaluation and signals run on every process.
 
-Layer: engine. Imports: ``evaluation``, ``visualize``, ``checkpoint``, ``config``, ``data``, ``models``,
-``distributed`` (all below the engine) and ``state``; never ``loop`` (the ``TrainerView`` protocol below says
-what a listener may use).
+Layer: engine. Imports: ``report``, ``evaluation``, ``analysis``, ``visualize``, ``checkpoint``, ``config``, ``data``,
+``transforms``, ``models``, ``distributed`` (all below the engine) and ``state``; never ``loop`` (the
+``TrainerView`` protocol below says what a listener may use).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import signal
 import threading
@@ -35,6 +39,7 @@ from typing import Any, Protocol
 import torch
 
 from .. import distributed as dist
+from ..analysis import save_plots
 from ..checkpoint import atomic_write_text, save_pretrained
 from ..config import RunConfig
 from ..data import CocoDetection
@@ -56,6 +61,7 @@ class TrainerView(Protocol):
     is_main: bool
     device: torch.device
     model: Detector
+    criterion: torch.nn.Module
     train_set: CocoDetection
     val_set: CocoDetection | None
     steps_per_epoch: int
@@ -103,7 +109,12 @@ def default_listeners(trainer: TrainerView, *, overwrite: bool = False) -> list[
     listeners.append(JsonlLog(run_dir / "log.jsonl", enabled=main))
     if t.tensorboard and main:
         listeners.append(TensorBoard(run_dir / "tensorboard"))
-    listeners += [Checkpoints(), Curves(enabled=main), StopOnSignal()]
+    listeners += [Checkpoints(), Curves(enabled=main)]
+    if t.query_stats_images and main:
+        listeners.append(QueryStats(run_dir / "query_stats.json", images=t.query_stats_images))
+    if t.report and main:
+        listeners.append(Report())
+    listeners.append(StopOnSignal())
     return listeners
 
 
@@ -115,7 +126,13 @@ class RunFolder(Listener):
     # The temporary files of the run's atomic writes (``files.atomic_write``: ``.{name}.XXXXXXXX.tmp`` beside the
     # file), by folder; only these go, whatever else the folder holds.
     STALE = {
-        "": (".config.yaml.*.tmp", ".log.jsonl.*.tmp", ".metrics.json.*.tmp"),
+        "": (
+            ".config.yaml.*.tmp",
+            ".log.jsonl.*.tmp",
+            ".metrics.json.*.tmp",
+            ".query_stats.json.*.tmp",
+            ".report.html.*.tmp",
+        ),
         "checkpoints": (".step-*.pt.*.tmp",),
         "best": (".config.json.*.tmp", ".model.safetensors.*.tmp"),
         "model": (".config.json.*.tmp", ".model.safetensors.*.tmp"),
@@ -214,7 +231,9 @@ class Evaluation(Listener):
         masks = trainer.model.config.masks
         panoptic = trainer.config.data.format == "coco_panoptic" and masks
         task = "panoptic" if panoptic else "bbox"
-        metrics = self._evaluate(trainer, task)
+        # after the last epoch also the error analysis and its pictures (the report shows them)
+        final = epoch == t.epochs and task == "bbox"
+        metrics = self._evaluate(trainer, task, analysis=final)
         keys = PANOPTIC_METRIC_KEYS if panoptic else COCO_METRIC_KEYS
         record.update({k: metrics[k] for k in keys})
         segm = None
@@ -225,6 +244,8 @@ class Evaluation(Listener):
         if not trainer.is_main:
             return
         write_metrics(metrics, trainer.run_dir / "metrics.json")
+        if final:
+            save_plots(metrics, trainer.run_dir)
         if segm is not None:
             write_metrics(segm, trainer.run_dir / "metrics_segm.json")
         if panoptic:
@@ -237,7 +258,7 @@ class Evaluation(Listener):
             trainer.export("best")
 
     @staticmethod
-    def _evaluate(trainer: TrainerView, task: str) -> dict[str, float]:
+    def _evaluate(trainer: TrainerView, task: str, analysis: bool = False) -> dict[str, float]:
         t = trainer.config.train
         metrics, _ = evaluate_model(
             trainer.eval_model(),
@@ -248,6 +269,7 @@ class Evaluation(Listener):
             amp=t.amp,
             task=task,
             panoptic_gt_dir=getattr(trainer.val_set, "png_dir", None) if task == "panoptic" else None,
+            analysis=analysis,
         )
         return metrics
 
@@ -377,6 +399,135 @@ class Curves(Listener):
             from ..visualize import plot_curves
 
             plot_curves(trainer.run_dir / "log.jsonl", trainer.run_dir / "curves.png")
+
+
+class QueryStats(Listener):
+    """Records which query the Hungarian matcher assigns to each object of a fixed probe set of training images
+    (evenly spaced over the split, with the evaluation transforms: no augmentation, so a change of query is the
+    model's, not the crop's), when training starts, every quarter epoch (no more often than every 20 steps) and
+    at epoch ends: ``query_stats.json``. The report draws how stable the assignment is and how the objects spread
+    over the queries (issue 16; DN-DETR's "instability" is measured the same way).
+
+    Cost: one forward pass of the model in eval mode over the probe images per record, no gradient; it draws
+    nothing from the random streams, so training is unchanged (the resume tests hold with it on).
+
+    File: ``{"num_queries": Q, "image_ids": [...], "objects": [[image_id, index, category_id], ...],
+    "records": [{"epoch": fraction of epochs done, "step": s, "query": [one per object, -1 if unmatched]}]}``.
+    """
+
+    def __init__(self, path: Path, *, images: int) -> None:
+        self.path, self.images = path, images
+        self.probe: Any = None
+        self.indices: list[int] = []
+        self.stats: dict[str, Any] = {}
+        self.every = 1
+
+    def on_fit_start(self, trainer: TrainerView) -> None:
+        import copy
+
+        from ..transforms import eval_transforms
+
+        d = trainer.config.data
+        self.probe = copy.copy(trainer.train_set)  # the same images and annotations, without augmentation
+        self.probe.transforms = eval_transforms(size=d.eval_size, max_size=d.eval_max_size)
+        n = len(self.probe)
+        count = min(self.images, n)
+        self.indices = sorted({round(i * n / count) for i in range(count)})
+        # every quarter epoch, but no more often than every 20 steps: records would cost tiny runs (tests) more
+        # than their steps
+        steps = max(trainer.steps_per_epoch, 1)
+        self.every = max(math.ceil(steps / 4), min(steps, 20))
+        self.stats = self._read(trainer.state.global_step)
+        if not self.stats["records"] or self.stats["records"][-1]["step"] < trainer.state.global_step:
+            self._record(trainer)
+
+    def _read(self, step: int) -> dict[str, Any]:
+        """The records up to ``step`` of an earlier part of this run (a resume), or a new file's header."""
+        if self.path.is_file():
+            try:
+                stats = json.loads(self.path.read_text())
+                stats["records"] = [r for r in stats["records"] if r["step"] <= step]
+                return stats
+            except (ValueError, KeyError, TypeError):
+                log.warning("%s is not readable: query statistics start over", self.path)
+        return {"num_queries": None, "image_ids": [], "objects": [], "records": []}
+
+    def on_step_end(self, trainer: TrainerView, record: Record) -> None:
+        # counted within the epoch, so that the checks fall at the same places in every epoch; its end is next
+        done = trainer.state.batches_done // trainer.config.train.grad_accum_steps
+        if done % self.every == 0 and done < trainer.steps_per_epoch:
+            self._record(trainer)
+
+    def on_epoch_end(self, trainer: TrainerView, record: Record) -> None:
+        if not self.stats["records"] or self.stats["records"][-1]["step"] < record["step"]:
+            self._record(trainer)
+
+    @torch.no_grad()
+    def _record(self, trainer: TrainerView) -> None:
+        from ..data import collate
+        from ..models.base import to_float
+
+        model, criterion = trainer.model, trainer.criterion
+        # the loss's own matching of the last layer (``SetCriterion.match``), or its matcher's
+        match = getattr(criterion, "match", None) or getattr(criterion, "matcher", None)
+        if match is None:
+            if self.images:
+                log.warning("query statistics off: the criterion (%s) has no matcher", type(criterion).__name__)
+                self.images = 0
+            return
+        was_training = model.training
+        model.eval()
+        objects, queries, image_ids, num_queries = [], [], [], None
+        try:
+            batch_size = trainer.config.train.batch_size
+            for start in range(0, len(self.indices), batch_size):
+                batch = collate([self.probe[i] for i in self.indices[start : start + batch_size]])
+                batch = batch.to(trainer.device)
+                outputs = to_float(model(batch.pixel_values, batch.padding_mask))
+                num_queries = int(outputs["pred_logits"].shape[1])
+                for target, (pred, tgt) in zip(batch.targets, match(outputs, batch.targets), strict=True):
+                    assigned = [-1] * len(target["labels"])
+                    for p, t in zip(pred.tolist(), tgt.tolist(), strict=True):
+                        assigned[t] = p
+                    image_id = int(target["image_id"])
+                    image_ids.append(image_id)
+                    labels = trainer.train_set.label_map.category_ids
+                    objects += [[image_id, j, labels[int(c)]] for j, c in enumerate(target["labels"].tolist())]
+                    queries += assigned
+        finally:
+            model.train(was_training)
+        s = trainer.state
+        if self.stats["objects"] and self.stats["objects"] != objects:
+            self.stats = {"num_queries": None, "image_ids": [], "objects": [], "records": []}  # another probe set
+        self.stats.update(num_queries=num_queries, image_ids=image_ids, objects=objects)
+        epoch = s.epoch + s.batches_done / max(trainer.steps_per_epoch * trainer.config.train.grad_accum_steps, 1)
+        self.stats["records"].append({"epoch": round(epoch, 4), "step": s.global_step, "query": queries})
+        atomic_write_text(self.path, json.dumps(self.stats))
+
+
+class Report(Listener):
+    """``report.html`` (``detrkit.report.write_report``) when training completes. A failure to write it is
+    logged, not raised: the run itself succeeded, and ``detrkit report RUN_DIR`` can write it again."""
+
+    def on_complete(self, trainer: TrainerView) -> None:
+        from ..report import write_report
+
+        try:
+            path = write_report(
+                trainer.run_dir,
+                model=trainer.eval_model(),
+                device=trainer.device,
+                batch_size=trainer.config.train.batch_size,
+            )
+        except Exception as e:  # noqa: BLE001 - a report is not worth losing a finished run over
+            log.warning(
+                "report.html could not be written (%s: %s); try: detrkit report %s",
+                type(e).__name__,
+                e,
+                trainer.run_dir,
+            )
+            return
+        log.info("report: %s", path)
 
 
 class StopOnSignal(Listener):

@@ -45,7 +45,7 @@ from .builders import (
 from .checkpoints import checkpoint_payload, latest_checkpoint, load_components, read_checkpoint, write_checkpoint
 from .listeners import Listener, default_listeners
 from .run_folder import check_run_dir, check_same_model
-from .sampling import EpochSampler, SeededDataset, batches_per_epoch, epoch_updates
+from .sampling import EpochSampler, SeededDataset, aspect_ratio_groups, batches_per_epoch, epoch_updates
 from .schedule import lr_factor
 from .setup import default_device
 from .state import TrainState, capture_rng, run_rng
@@ -105,7 +105,13 @@ class Trainer:
         self.scaler = build_scaler(t, self.device)
         self.ema = build_ema(self.model, t)
         self.sampler = EpochSampler(
-            len(self.train_set), shuffle=True, seed=t.seed, rank=dist.rank(), world_size=dist.world_size()
+            len(self.train_set),
+            shuffle=True,
+            seed=t.seed,
+            rank=dist.rank(),
+            world_size=dist.world_size(),
+            groups=aspect_ratio_groups(self.train_set) if config.data.group_by_aspect_ratio else None,
+            batch_size=t.batch_size,
         )
         self.seeded = SeededDataset(self.train_set, t.seed)
         self.batches_per_epoch = batches_per_epoch(self.sampler, t)

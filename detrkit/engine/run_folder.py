@@ -21,7 +21,10 @@ log = logging.getLogger("detrkit")
 
 # What a run writes into its folder (train.output_dir). A folder holding any of them holds a run: a new run there
 # is refused unless it resumes that run or replaces it (``Trainer(resume=..., overwrite=...)``).
-RUN_OUTPUTS = ("config.yaml", "log.jsonl", "checkpoints", "metrics.json", "curves.png", "best", "model", "tensorboard")
+RUN_OUTPUTS = (
+    *("config.yaml", "log.jsonl", "checkpoints", "metrics.json", "curves.png", "best", "model", "tensorboard"),
+    *("query_stats.json", "report.html", "metrics_segm.json", "pr_curves.png", "errors.png", "confusion.png"),
+)
 
 
 def run_outputs(run_dir: Path) -> list[str]:

@@ -75,8 +75,11 @@ def train_step(
 
 
 def _losses(model: nn.Module, criterion: nn.Module, batch: Batch, amp: str) -> dict[str, torch.Tensor]:
+    module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    # denoising queries are noised copies of the targets (models/denoising.py): only such models take them
+    kwargs = {"targets": batch.targets} if getattr(module, "trains_with_targets", False) else {}
     with amp_context(batch.pixel_values.device, amp):
-        outputs = model(batch.pixel_values, batch.padding_mask)
+        outputs = model(batch.pixel_values, batch.padding_mask, **kwargs)
     try:
         return criterion(to_float(outputs), batch.targets)
     except NonFiniteCostError:  # NaN/inf predictions: the matcher cannot run; skip like a NaN loss

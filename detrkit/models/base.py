@@ -5,7 +5,8 @@ Layer: models. May import ``config``, ``files`` and the building blocks.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from torch import Tensor, nn
 from ..config import ModelConfig
 from ..files import save_pretrained
 from ..images import load_image_tensor, pad_batch
+from ..kernels import cpu_info
 from ..labels import LabelMap
 from ..postprocess import postprocess, postprocess_instances, postprocess_panoptic
 from ..transforms import eval_transforms
@@ -86,6 +88,12 @@ class Detector(nn.Module):
             ]
         return out
 
+    @property
+    def trains_with_targets(self) -> bool:
+        """Whether ``forward`` in training mode takes ``targets=`` (denoising queries are made from them,
+        ``models/denoising.py``); the training step passes them then."""
+        return getattr(self, "denoising", None) is not None
+
     def lr_scale(self, name: str) -> float:
         """Learning-rate multiplier of the (non-backbone) parameter ``name``; architectures override it."""
         return 1.0
@@ -131,6 +139,8 @@ class Detector(nn.Module):
         if channels_last and hasattr(backbone, "fold_batchnorm"):  # CNN backbones only
             backbone.to(memory_format=torch.channels_last)
             self._channels_last = True
+        if bf16:
+            check_half_precision(torch.bfloat16, next(self.parameters()).device, autocast=True)
         self._inference_bf16 = bf16
         if compile:
             # Kept outside the module tree: assigned as usual, the compiled wrapper (a module holding this model)
@@ -139,7 +149,12 @@ class Detector(nn.Module):
         return self
 
     def _inference_forward(self, pixel_values: Tensor, padding_mask: Tensor) -> dict[str, Any]:
-        """``forward`` with the settings of ``optimize_for_inference`` (none by default)."""
+        """``forward`` with the settings of ``optimize_for_inference`` (none by default). A model converted to half
+        precision (``model.half()``, ``model.bfloat16()``) gets its input in its own dtype."""
+        weight = next(self.parameters())
+        if weight.is_floating_point() and pixel_values.dtype != weight.dtype:
+            check_half_precision(weight.dtype, weight.device)
+            pixel_values = pixel_values.to(weight.dtype)
         if getattr(self, "_channels_last", False):
             pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
         compiled = getattr(self, "_compiled", None)
@@ -202,7 +217,8 @@ class Detector(nn.Module):
         """Panoptic segmentation (a model with a mask head): per image ``segments (H,W)`` int32 segment ids at the
         original size (0 = void) and ``segments_info`` (``id``, ``category_id``, ``isthing``, ``score``, ``area``),
         merged by the DETR reference's rules (``postprocess.postprocess_panoptic``: queries kept above
-        ``threshold``, by default ``config.panoptic_threshold``; stuff of one class merged, tiny segments dropped).
+        ``threshold``, by default ``config.panoptic_threshold``; stuff of one class merged, tiny segments dropped;
+        pixels to queries by ``config.panoptic_merge``).
         Same inputs as :meth:`predict`."""
         if not self.config.masks:
             raise ValueError("predict_panoptic needs a model with a mask head (model.masks=true)")
@@ -216,36 +232,82 @@ class Detector(nn.Module):
                 label_map=self.label_map,
                 threshold=self.config.panoptic_threshold if threshold is None else threshold,
                 focal=self.config.focal,
+                merge=self.config.panoptic_merge,
             )
         return results[0] if single else results
 
     def _forward_images(self, images: Any, size: int | None, max_size: int | None, batch_size: int):
         """Yield ``(outputs, orig_sizes (b,2), image_sizes (b,2))`` per batch of ``images``, in eval mode."""
-        items: Sequence[Any] = [images] if not isinstance(images, (list, tuple)) else images
         was_training = self.training
         self.eval()
         device = next(self.parameters()).device
-        preprocess = eval_transforms(size=size or self.config.image_size, max_size=max_size or self.config.max_size)
         try:
-            for start in range(0, len(items), batch_size):
-                images = [load_image_tensor(x) for x in items[start : start + batch_size]]
-                resized = [preprocess(im).as_subclass(torch.Tensor) for im in images]
-                orig_sizes = torch.tensor([im.shape[-2:] for im in images], dtype=torch.long, device=device)
-                image_sizes = torch.tensor([im.shape[-2:] for im in resized], dtype=torch.long, device=device)
+            batches = preprocessed_batches(images, self.config, size, max_size, batch_size)
+            for resized, orig_sizes, image_sizes in batches:
                 pixel_values, padding_mask = pad_batch(resized)
                 with torch.inference_mode():
                     outputs = self._inference_forward(pixel_values.to(device), padding_mask.to(device))
-                yield to_float(outputs), orig_sizes, image_sizes
+                yield to_float(outputs), orig_sizes.to(device), image_sizes.to(device)
         finally:
             self.train(was_training)
 
     # -- persistence ------------------------------------------------------------------------------------------
+    def export_onnx(self, path: str | Path, **options: Any) -> Any:
+        """Write this model as an ONNX graph at ``path``, checked against PyTorch in onnxruntime (refused, no file,
+        when any output differs by more than 1e-4). Options and the returned ``ExportReport``:
+        ``detrkit.models.export.export_onnx``."""
+        from .export import export_onnx
+
+        return export_onnx(self, path, **options)
+
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write ``config.json`` and ``model.safetensors`` to ``directory`` (atomically); ``detrkit.load`` reads it."""
         return save_pretrained(self, directory)
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+
+def cpu_bf16() -> tuple[bool, str]:
+    """Whether this CPU computes bfloat16 natively (x86 AVX-512 BF16 or AMX, Arm BF16), and its name and flags
+    in words. Without it PyTorch emulates bf16 matrix products, several times slower than float32."""
+    info = cpu_info()
+    flags = info["flags"]
+    native = sorted(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+    capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "unknown")()
+    detail = f"{info['model']} ({capability}; bf16 flags: {', '.join(native) or 'none'})"
+    return bool(native), detail
+
+
+def check_half_precision(dtype: torch.dtype, device: torch.device, *, autocast: bool = False) -> None:
+    """Refuse half precision where ``device`` cannot run it (a clear error, not a kernel's), warn where it runs
+    emulated (bf16 on CPUs without native bf16: correct, but slower than float32)."""
+    if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"{torch.cuda.get_device_name(device)} has no bfloat16 support: use float16 or float32")
+    if device.type == "cpu" and dtype == torch.bfloat16:
+        native, detail = cpu_bf16()
+        if not native:
+            warnings.warn(
+                f"bfloat16{' autocast' if autocast else ''} on this CPU, {detail}, is emulated: expect it slower than "
+                "float32 (bf16 is the fast path on CPUs with AVX-512 BF16 or AMX)",
+                stacklevel=3,
+            )
+
+
+def preprocessed_batches(
+    images: Any, config: ModelConfig, size: int | None, max_size: int | None, batch_size: int
+) -> Iterator[tuple[list[Tensor], Tensor, Tensor]]:
+    """``predict``'s inputs (an image or a list, as :meth:`Detector.predict` takes them) in batches of
+    ``batch_size``: the resized, normalised ``(3,H,W)`` images, their ``orig_sizes (b,2)`` and the resized
+    ``image_sizes (b,2)`` [h, w] (CPU). ``size``/``max_size`` default to the model's training values."""
+    items: Sequence[Any] = [images] if not isinstance(images, (list, tuple)) else images
+    preprocess = eval_transforms(size=size or config.image_size, max_size=max_size or config.max_size)
+    for start in range(0, len(items), batch_size):
+        loaded = [load_image_tensor(x) for x in items[start : start + batch_size]]
+        resized = [preprocess(im).as_subclass(torch.Tensor) for im in loaded]
+        orig_sizes = torch.tensor([im.shape[-2:] for im in loaded], dtype=torch.long)
+        image_sizes = torch.tensor([im.shape[-2:] for im in resized], dtype=torch.long)
+        yield resized, orig_sizes, image_sizes
 
 
 def to_float(outputs: Any) -> Any:

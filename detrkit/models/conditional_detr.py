@@ -23,11 +23,19 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig
 from ..position_encoding import sine_embed_points
+from .denoising import (
+    QUERY_TRAINING_FIELDS,
+    ExtraQueries,
+    extra_queries,
+    query_attention_mask,
+    split_outputs,
+)
 from .layers import FFN, MLP, EncoderLayer, inverse_sigmoid
 from .registry import Architecture
 from .single_scale import (
     SINGLE_SCALE_FIELDS,
     SINGLE_SCALE_SHAPE_FIELDS,
+    EncodedImage,
     SingleScaleDetector,
     check_single_scale_config,
 )
@@ -47,14 +55,17 @@ class ConditionalSelfAttention(nn.Module):
         self.v = nn.Linear(dim, dim)
         self.out_proj = nn.Linear(dim, dim)
 
-    def forward(self, tgt: Tensor, query_pos: Tensor) -> Tensor:
-        """``tgt (B,Q,D)``, ``query_pos (B,Q,D)`` → ``(B,Q,D)``."""
+    def forward(self, tgt: Tensor, query_pos: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+        """``tgt (B,Q,D)``, ``query_pos (B,Q,D)``, ``attn_mask (B,1,Q,Q)`` True where a query may attend (the
+        training-only queries', ``denoising.py``) → ``(B,Q,D)``."""
         b, q, d = tgt.shape
         heads = (b, q, self.num_heads, d // self.num_heads)
         qs = (self.q_content(tgt) + self.q_pos(query_pos)).view(heads).transpose(1, 2)  # (B, nh, Q, hd)
         ks = (self.k_content(tgt) + self.k_pos(query_pos)).view(heads).transpose(1, 2)
         vs = self.v(tgt).view(heads).transpose(1, 2)
-        out = F.scaled_dot_product_attention(qs, ks, vs, dropout_p=self.dropout if self.training else 0.0)
+        out = F.scaled_dot_product_attention(
+            qs, ks, vs, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
+        )
         return self.out_proj(out.transpose(1, 2).reshape(b, q, d))
 
 
@@ -147,8 +158,9 @@ class ConditionalDecoderLayer(nn.Module):
         memory: Tensor,
         pos: Tensor,
         padding_mask: Tensor | None,
+        self_attn_mask: Tensor | None = None,
     ) -> Tensor:
-        tgt = self.norm1(tgt + self.dropout1(self.self_attn(tgt, query_pos)))
+        tgt = self.norm1(tgt + self.dropout1(self.self_attn(tgt, query_pos, self_attn_mask)))
         attended = self.cross_attn(tgt, query_pos, query_sine, memory, pos, padding_mask)
         tgt = self.norm2(tgt + self.dropout2(attended))
         return self.norm3(tgt + self.dropout3(self.ffn(tgt)))
@@ -205,19 +217,30 @@ class ConditionalTransformer(nn.Module):
         return memory
 
     def decode(
-        self, memory: Tensor, pos: Tensor, padding_mask: Tensor | None, query_embed: Tensor
+        self,
+        memory: Tensor,
+        pos: Tensor,
+        padding_mask: Tensor | None,
+        query_embed: Tensor,
+        *,
+        content: Tensor | None = None,
+        reference: Tensor | None = None,
+        self_attn_mask: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """The decoder: ``memory (B,S,D)``, ``pos``, ``padding_mask``, ``query_embed`` as ``forward`` → every
-        layer's normalised output ``(L,B,Q,D)`` and the reference points ``(B,Q,2)``."""
+        """The decoder: ``memory (B,S,D)``, ``pos``, ``padding_mask``, ``query_embed`` as ``forward`` (or
+        ``(B,Q,D)`` per image); optional ``content (B,Q,D)`` queries (zeros by default), ``reference (B,Q,2)``
+        points (predicted from the positions by default) and ``self_attn_mask (B,1,Q,Q)`` → every layer's
+        normalised output ``(L,B,Q,D)`` and the reference points ``(B,Q,2)``."""
         b, d = memory.shape[0], memory.shape[2]
-        query_pos = query_embed[None].expand(b, -1, -1)  # (B, Q, D)
-        reference = self.ref_point_head(query_pos).sigmoid()  # (B, Q, 2)
+        query_pos = query_embed[None].expand(b, -1, -1) if query_embed.dim() == 2 else query_embed  # (B, Q, D)
+        if reference is None:
+            reference = self.ref_point_head(query_pos).sigmoid()  # (B, Q, 2)
         sine = sine_embed_points(reference, d // 2, temperature=self.temperature)  # (B, Q, D)
-        tgt = torch.zeros_like(query_pos)
+        tgt = torch.zeros_like(query_pos) if content is None else content
         hs = []
         for i, layer in enumerate(self.decoder):
             query_sine = sine if i == 0 else sine * self.query_scale(tgt)
-            tgt = layer(tgt, query_pos, query_sine, memory, pos, padding_mask)
+            tgt = layer(tgt, query_pos, query_sine, memory, pos, padding_mask, self_attn_mask)
             hs.append(self.decoder_norm(tgt))
         return torch.stack(hs), reference
 
@@ -238,7 +261,8 @@ class ConditionalDETR(SingleScaleDetector):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
         c = config
-        self.query_embed = nn.Embedding(c.num_queries, c.hidden_dim)
+        if not c.two_stage:
+            self.query_embed = nn.Embedding(c.num_queries, c.hidden_dim)
         self.transformer = ConditionalTransformer(
             dim=c.hidden_dim,
             num_heads=c.num_heads,
@@ -255,25 +279,76 @@ class ConditionalDETR(SingleScaleDetector):
         nn.init.zeros_(self.bbox_embed.layers[-1].weight)
         nn.init.zeros_(self.bbox_embed.layers[-1].bias)
         self.add_mask_head()
+        self.add_query_selection()
+        self.add_training_queries()
 
-    def forward(self, pixel_values: Tensor, padding_mask: Tensor | None = None) -> dict:
+    def forward(
+        self, pixel_values: Tensor, padding_mask: Tensor | None = None, targets: list[dict] | None = None
+    ) -> dict:
         enc = self.encode_image(pixel_values, padding_mask)
         memory = self.transformer.encode(enc.src, enc.pos, enc.flat_mask)  # (B, S, D)
-        hs, reference = self.transformer.decode(memory, enc.pos, enc.flat_mask, self.query_embed.weight)
-        logits = self.class_embed(hs)  # (L, B, Q, K)
-        offsets = self.bbox_embed(hs)  # (L, B, Q, 4)
+        b, q = memory.shape[0], self.config.num_queries
+        # training-only queries (denoising.py): never at inference, so evaluation and export see Q queries
+        extra = extra_queries(self.denoising, self.config, targets, b, memory.device) if self.training else None
+        if self.config.two_stage:
+            return self._forward_selected(memory, enc, extra)
+        if extra is None:
+            hs, reference = self.transformer.decode(memory, enc.pos, enc.flat_mask, self.query_embed.weight)
+        else:
+            position, content = self.training_queries(extra, self.query_embed.weight[None].expand(b, -1, -1))
+            # the denoising queries' reference points are their noised boxes' centres; the others' are predicted
+            reference = self.transformer.ref_point_head(position).sigmoid()  # (B, Qt, 2)
+            qd = extra.num_denoising
+            reference = torch.cat([reference[:, :q], extra.boxes[..., :2], reference[:, q + qd :]], 1)
+            hs, reference = self.transformer.decode(
+                memory,
+                enc.pos,
+                enc.flat_mask,
+                position,
+                content=content,
+                reference=reference,
+                self_attn_mask=query_attention_mask(q, extra),
+            )  # (L, B, Qt, D), (B, Qt, 2)
+        logits = self.class_embed(hs)  # (L, B, Qt, K)
+        offsets = self.bbox_embed(hs)  # (L, B, Qt, 4)
         centre = offsets[..., :2] + inverse_sigmoid(reference)  # offsets from the reference point, logit space
         boxes = torch.cat([centre, offsets[..., 2:]], dim=-1).sigmoid()
+        logits, boxes, extras = split_outputs(logits, boxes, q, extra, aux=self.config.aux_loss)
         out = self._pack_outputs(logits, boxes)
+        out.update(extras)
         if self.config.masks:
-            out["pred_masks"] = self.masks_output(hs[-1], memory, enc)  # (B, Q, H/4, W/4)
+            out["pred_masks"] = self.masks_output(hs[-1, :, :q], memory, enc)  # (B, Q, H/4, W/4)
+        return out
+
+    def _forward_selected(self, memory: Tensor, enc: EncodedImage, extra: ExtraQueries | None) -> dict:
+        """``forward`` with query selection (``two_stage``): each query's anchor box (``select_queries``) gives its
+        reference point (the centre), and boxes are predicted relative to the whole anchor."""
+        c, q = self.config, self.config.num_queries
+        sel = self.selected_queries(memory, enc, extra)
+        hs, _ = self.transformer.decode(
+            memory,
+            enc.pos,
+            enc.flat_mask,
+            sel.position,
+            content=sel.content,
+            reference=sel.anchors[..., :2],
+            self_attn_mask=sel.self_attn_mask,
+        )  # (L, B, Qt, D)
+        logits = self.class_embed(hs)  # (L, B, Qt, K)
+        boxes = (self.bbox_embed(hs) + inverse_sigmoid(sel.anchors)).sigmoid()  # (L, B, Qt, 4)
+        logits, boxes, extras = split_outputs(logits, boxes, q, extra, aux=c.aux_loss)
+        out = self._pack_outputs(logits, boxes)
+        out.update(extras)
+        out["enc_outputs"] = sel.enc_outputs
+        if c.masks:
+            out["pred_masks"] = self.masks_output(hs[-1, :, :q], memory, enc)  # (B, Q, H/4, W/4)
         return out
 
 
 ARCHITECTURE = Architecture(
     name="conditional_detr",
     model=ConditionalDETR,
-    fields=SINGLE_SCALE_FIELDS,
-    shape_fields=SINGLE_SCALE_SHAPE_FIELDS,
+    fields=(*SINGLE_SCALE_FIELDS, "two_stage", *QUERY_TRAINING_FIELDS),
+    shape_fields=(*SINGLE_SCALE_SHAPE_FIELDS, "two_stage"),
     check=check_single_scale_config,
 )

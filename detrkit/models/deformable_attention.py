@@ -26,12 +26,15 @@ from torch import Tensor, nn
 
 from .. import kernels
 
-IMPLS = ("auto", "reference", "fast")
+IMPLS = ("auto", "reference", "fast", "gather")
 
 
-def _level_shapes(spatial_shapes: Tensor) -> list[tuple[int, int]]:
+def _level_shapes(spatial_shapes: Tensor | list[tuple[int, int]]) -> list[tuple[int, int]]:
     # The only host read of tensor values: the level sizes fix every shape below. Under tracing they become
-    # constants of the graph, as in the official export path.
+    # constants of the graph, as in the official export path; a list of (h, w) (what Deformable DETR passes under
+    # torch.export, symbolic sizes) keeps an exported graph valid at every input size.
+    if not isinstance(spatial_shapes, Tensor):
+        return [(h, w) for h, w in spatial_shapes]
     return [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
 
 
@@ -72,6 +75,47 @@ def ms_deform_attn_reference(
     return out.view(b, nh * hd, q).transpose(1, 2).contiguous()  # (B, Q, nh·hd)
 
 
+def ms_deform_attn_gather(
+    value: Tensor, spatial_shapes: Tensor | list[tuple[int, int]], sampling_locations: Tensor, attention_weights: Tensor
+) -> Tensor:
+    """``ms_deform_attn_reference`` with the bilinear sampling written as four row gathers per level instead of
+    ``grid_sample``: the same arithmetic (``align_corners=False``, zeros outside the map), in operators every ONNX
+    runtime implements (some, TensorRT among them, mis-handle GridSample). Same arguments and result; slower in
+    PyTorch (it materialises the four corners' rows), so only export uses it (``detrkit export --msda gather``).
+    """
+    b, _, nh, hd = value.shape
+    _, q, _, n_levels, n_points, _ = sampling_locations.shape
+    shapes = _level_shapes(spatial_shapes)
+    dtype = torch.promote_types(value.dtype, sampling_locations.dtype)
+    value_levels = value.to(dtype).split([h * w for h, w in shapes], dim=1)
+    sampled = []
+    for level, (h, w) in enumerate(shapes):
+        v = value_levels[level].transpose(1, 2).flatten(0, 1)  # (B·nh, h·w, hd)
+        loc = sampling_locations[:, :, :, level].to(dtype).transpose(1, 2).flatten(0, 1)  # (B·nh, Q, P, 2)
+        # grid_sample's unnormalisation with align_corners=False: cell centres at integers
+        x = loc[..., 0] * w - 0.5  # (B·nh, Q, P)
+        y = loc[..., 1] * h - 0.5
+        x0, y0 = x.floor(), y.floor()
+        fx, fy = x - x0, y - y0
+        level_out = None
+        for dy, dx, weight in (
+            (0, 0, (1 - fy) * (1 - fx)),
+            (0, 1, (1 - fy) * fx),
+            (1, 0, fy * (1 - fx)),
+            (1, 1, fy * fx),
+        ):
+            xi, yi = x0 + dx, y0 + dy
+            inside = (xi >= 0) & (xi <= w - 1) & (yi >= 0) & (yi <= h - 1)  # corners off the map read zeros
+            index = (yi.clamp(min=0, max=h - 1) * w + xi.clamp(min=0, max=w - 1)).long().flatten(1)  # (B·nh, Q·P)
+            rows = v.gather(1, index[..., None].expand(-1, -1, hd))  # (B·nh, Q·P, hd)
+            term = rows * (weight * inside.to(dtype)).flatten(1)[..., None]
+            level_out = term if level_out is None else level_out + term
+        sampled.append(level_out.view(b * nh, q, n_points, hd))
+    weights = attention_weights.to(dtype).transpose(1, 2).reshape(b * nh, q, n_levels * n_points, 1)
+    out = (torch.cat(sampled, dim=2) * weights).sum(2)  # (B·nh, Q, hd)
+    return out.view(b, nh, q, hd).transpose(1, 2).reshape(b, q, nh * hd)  # (B, Q, nh·hd)
+
+
 def _fast_applicable(value: Tensor) -> bool:
     # Export, tracing and torch.compile record the reference (grid_sample has ONNX and TorchScript support; an
     # opaque ctypes call has neither); the compiled kernel is CPU only.
@@ -94,10 +138,13 @@ def ms_deform_attn(
 
     ``impl``: ``"reference"`` forces the ``grid_sample`` version; ``"fast"`` the compiled CPU kernel (an error where
     it does not apply); ``"auto"`` the kernel where it applies (CPU tensors, a C++ compiler found, not under tracing,
-    ONNX export or ``torch.compile``) and the reference otherwise. The fast path has no double backward.
+    ONNX export or ``torch.compile``) and the reference otherwise; ``"gather"`` the reference's arithmetic without
+    ``grid_sample`` (``ms_deform_attn_gather``, for export). The fast path has no double backward.
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "gather":
+        return ms_deform_attn_gather(value, spatial_shapes, sampling_locations, attention_weights)
     if impl == "reference" or (impl == "auto" and not _fast_applicable(value)):
         return ms_deform_attn_reference(value, spatial_shapes, sampling_locations, attention_weights)
     if value.device.type != "cpu" or _kernel() is None:
@@ -293,6 +340,8 @@ class MultiScaleDeformableAttention(nn.Module):
         self.attention_weights = nn.Linear(dim, num_heads * n_levels * n_points)
         self.value_proj = nn.Linear(dim, dim)
         self.output_proj = nn.Linear(dim, dim)
+        # The core's implementation when forward() is not told (``ms_deform_attn``'s ``impl``); export sets it.
+        self.impl = "auto"
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -323,16 +372,16 @@ class MultiScaleDeformableAttention(nn.Module):
         spatial_shapes: Tensor,
         padding_mask: Tensor | None = None,
         *,
-        impl: str = "auto",
+        impl: str | None = None,
     ) -> Tensor:
         """Args:
             query: ``(B, Q, D)``, position embedding already added.
             reference_points: ``(B, Q, L, 2)`` normalised (x, y) per level, or ``(B, Q, L, 4)`` normalised boxes
                 (cx, cy, w, h); offsets then scale with the box (section 4.1, iterative box refinement).
             value: ``(B, S, D)``, the L levels flattened row-major and concatenated.
-            spatial_shapes: ``(L, 2)`` int64, (h, w) of each level.
+            spatial_shapes: ``(L, 2)`` int64, (h, w) of each level (or a list of (h, w), as under export).
             padding_mask: ``(B, S)`` True on padding, or None.
-            impl: core implementation, as in ``ms_deform_attn``.
+            impl: core implementation, as in ``ms_deform_attn`` (default: ``self.impl``, "auto").
 
         Returns:
             ``(B, Q, D)``.
@@ -350,7 +399,12 @@ class MultiScaleDeformableAttention(nn.Module):
         weights = F.softmax(weights, -1).view(b, q, nh, n_levels, n_points)  # (B, Q, nh, L, P)
         if reference_points.shape[-1] == 2:
             # Offsets are in cells of each level: divide by the level's (w, h) to normalise.
-            normalizer = spatial_shapes.flip(-1).to(offsets.dtype)  # (L, 2) as (w, h)
+            if isinstance(spatial_shapes, Tensor):
+                normalizer = spatial_shapes.flip(-1).to(offsets.dtype)  # (L, 2) as (w, h)
+            else:  # symbolic sizes under export: scalar tensors keep them out of the graph's constants
+                normalizer = torch.stack(
+                    [torch.stack([torch.scalar_tensor(w), torch.scalar_tensor(h)]) for h, w in spatial_shapes]
+                ).to(device=offsets.device, dtype=offsets.dtype)
             locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
         elif reference_points.shape[-1] == 4:
             # Offsets are relative to the box: P points spread over half its width and height.
@@ -361,8 +415,14 @@ class MultiScaleDeformableAttention(nn.Module):
         else:
             raise ValueError(f"reference_points must end in 2 or 4 coordinates, got {reference_points.shape[-1]}")
         # locations: (B, Q, nh, L, P, 2)
-        out = ms_deform_attn(value, spatial_shapes, locations, weights, impl=impl)  # (B, Q, D)
+        out = ms_deform_attn(value, spatial_shapes, locations, weights, impl=impl or self.impl)  # (B, Q, D)
         return self.output_proj(out)
 
 
-__all__ = ["MultiScaleDeformableAttention", "kernel_status", "ms_deform_attn", "ms_deform_attn_reference"]
+__all__ = [
+    "MultiScaleDeformableAttention",
+    "kernel_status",
+    "ms_deform_attn",
+    "ms_deform_attn_gather",
+    "ms_deform_attn_reference",
+]

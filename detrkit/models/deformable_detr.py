@@ -24,20 +24,31 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..backbone import RESNET_CONFIG_FIELDS, RESNET_SHAPE_FIELDS, ResNetBackbone, check_resnet_config
+from ..backbone import RESNET_CONFIG_FIELDS, RESNET_SHAPE_FIELDS, ResNetBackbone, check_resnet_config, exporting
 from ..config import ModelConfig
 from ..position_encoding import build_position_encoding
 from .base import Detector
 from .deformable_attention import MultiScaleDeformableAttention
+from .denoising import (
+    QUERY_TRAINING_FIELDS,
+    DenoisingQueries,
+    ExtraQueries,
+    check_query_training_config,
+    extra_queries,
+    query_attention_mask,
+    split_outputs,
+)
 from .layers import FFN, MLP, Attention, init_focal_bias, inverse_sigmoid
 from .registry import Architecture
 from .segmentation import (
     FPN_LEVELS,
     MASK_FIELDS,
     MASK_SHAPE_FIELDS,
+    MULTI_SCALE_MASK_FIELDS,
     AttentionMaps,
     MaskHead,
     check_mask_config,
+    check_mask_feature_level,
     freeze_all_but_mask_head,
     masked_group_norm,
     predict_masks,
@@ -112,11 +123,13 @@ class DeformableDecoderLayer(nn.Module):
         memory: Tensor,
         spatial_shapes: Tensor,
         padding_mask: Tensor | None,
+        self_attn_mask: Tensor | None = None,
     ) -> Tensor:
         """``tgt (B,Q,D)``, ``query_pos (B,Q,D)``, ``reference_points (B,Q,L,2|4)``, ``memory (B,S,D)``,
-        ``spatial_shapes (L,2)``, ``padding_mask (B,S)`` → ``(B,Q,D)``."""
+        ``spatial_shapes (L,2)``, ``padding_mask (B,S)``, ``self_attn_mask (B,1,Q,Q)`` (True: may attend; the
+        training-only queries', ``denoising.py``) → ``(B,Q,D)``."""
         q = tgt + query_pos
-        tgt = self.norm1(tgt + self.dropout1(self.self_attn(q, q, tgt)))
+        tgt = self.norm1(tgt + self.dropout1(self.self_attn(q, q, tgt, attn_mask=self_attn_mask)))
         attn = self.cross_attn(tgt + query_pos, reference_points, memory, spatial_shapes, padding_mask)
         tgt = self.norm2(tgt + self.dropout2(attn))
         return self.norm3(tgt + self.dropout3(self.ffn(tgt)))
@@ -170,12 +183,20 @@ class DeformableDecoder(nn.Module):
         bbox_embed: one box head (an ``MLP`` shared by all layers, every layer keeping the initial reference), or
             an ``nn.ModuleList`` with one head per layer: iterative box refinement (section 4.2), where each
             layer's box, detached, becomes the next layer's reference.
+        look_forward_twice: with refinement, each layer's output box is its delta applied to the previous layer's
+            box *with* its gradient (DINO Sec. 3.5): the values are unchanged, but a layer's box loss also trains
+            the layer before it, whose box it refines.
     """
 
-    def __init__(self, layers: list[DeformableDecoderLayer], bbox_embed: nn.Module) -> None:
+    def __init__(
+        self, layers: list[DeformableDecoderLayer], bbox_embed: nn.Module, *, look_forward_twice: bool = False
+    ) -> None:
         super().__init__()
         self.layers = nn.ModuleList(layers)
         self.refine = isinstance(bbox_embed, nn.ModuleList)
+        self.look_forward_twice = look_forward_twice
+        if look_forward_twice and not self.refine:
+            raise ValueError("look_forward_twice needs box refinement (one box head per layer)")
         if self.refine and len(bbox_embed) != len(self.layers):
             raise ValueError(f"box refinement needs one box head per layer: {len(bbox_embed)} for {len(layers)}")
         self.bbox_embed = bbox_embed
@@ -189,19 +210,21 @@ class DeformableDecoder(nn.Module):
         spatial_shapes: Tensor,
         valid_ratios: Tensor,
         padding_mask: Tensor | None,
+        self_attn_mask: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Args: ``tgt (B,Q,D)`` content queries, ``query_pos (B,Q,D)``, ``reference (B,Q,2)`` points or
         ``(B,Q,4)`` boxes, normalised to the valid image; ``memory (B,S,D)``, ``spatial_shapes (L,2)``,
-        ``valid_ratios (B,L,2)``, ``padding_mask (B,S)``.
+        ``valid_ratios (B,L,2)``, ``padding_mask (B,S)``, ``self_attn_mask (B,1,Q,Q)`` or None.
 
         Returns: ``hs (N,B,Q,D)`` every layer's output and ``boxes (N,B,Q,4)`` its normalised cxcywh boxes.
         """
         hs, boxes = [], []
+        previous: Tensor | None = None  # the previous layer's box with its gradient (look forward twice)
         for i, layer in enumerate(self.layers):
             # References are relative to the valid image; the attention samples in padded-map coordinates.
             ratios = valid_ratios if reference.shape[-1] == 2 else torch.cat([valid_ratios, valid_ratios], -1)
             reference_input = reference[:, :, None] * ratios[:, None]  # (B, Q, L, 2|4)
-            tgt = layer(tgt, query_pos, reference_input, memory, spatial_shapes, padding_mask)
+            tgt = layer(tgt, query_pos, reference_input, memory, spatial_shapes, padding_mask, self_attn_mask)
             head = self.bbox_embed[i] if self.refine else self.bbox_embed
             delta = head(tgt)  # (B, Q, 4) in inverse-sigmoid space
             if reference.shape[-1] == 4:
@@ -209,8 +232,13 @@ class DeformableDecoder(nn.Module):
             else:  # a point reference moves the centre; the size is predicted outright
                 box = torch.cat([delta[..., :2] + inverse_sigmoid(reference), delta[..., 2:]], -1).sigmoid()
             hs.append(tgt)
-            boxes.append(box)
+            if self.look_forward_twice and previous is not None:
+                # the same value (the reference is previous, detached), with previous's gradient path
+                boxes.append((delta + inverse_sigmoid(previous)).sigmoid())
+            else:
+                boxes.append(box)
             if self.refine:
+                previous = box
                 reference = box.detach()  # gradients do not flow through the references (section A.4)
         return torch.stack(hs), torch.stack(boxes)  # (N, B, Q, D), (N, B, Q, 4)
 
@@ -284,7 +312,7 @@ class DeformableDETR(Detector):
         else:
             self.class_embed = nn.Linear(d, num_logits)
             bbox_embed = MLP(d, d, 4, 3)
-        self.decoder = DeformableDecoder(dec_layers, bbox_embed)
+        self.decoder = DeformableDecoder(dec_layers, bbox_embed, look_forward_twice=c.look_forward_twice)
 
         if c.two_stage:
             # Section 4.2: every encoder token scores and regresses a proposal centred on its cell, with heads of
@@ -308,6 +336,26 @@ class DeformableDETR(Detector):
             self.mask_head = MaskHead(d, c.num_heads, tuple(all_channels[lvl] for lvl in FPN_LEVELS))
         if c.freeze_detector:
             freeze_all_but_mask_head(self)
+        # Added last, so that a seeded build initialises everything above as without them.
+        if c.mixed_query_selection:
+            # DINO Sec. 3.4: the selected proposals give positions and reference boxes; contents are learned.
+            self.query_content = nn.Embedding(c.num_queries, d)
+        self.denoising: DenoisingQueries | None = None
+        if c.dn_groups:
+            # denoising queries' positions come from their boxes through the proposal embedding (pos_trans)
+            self.denoising = DenoisingQueries(
+                c.num_classes,
+                d,
+                groups=c.dn_groups,
+                label_noise=c.dn_label_noise,
+                box_noise=c.dn_box_noise,
+                contrastive=c.dn_contrastive,
+            )
+        if c.one_to_many_queries:
+            # two-stage: more proposals are selected (H-DETR); learned queries otherwise
+            width = d if c.two_stage else 2 * d
+            if not c.two_stage or c.mixed_query_selection:
+                self.one_to_many_embed = nn.Embedding(c.one_to_many_queries, width)
 
     def _reset_parameters(self) -> None:
         """The official initialisation."""
@@ -377,7 +425,7 @@ class DeformableDETR(Detector):
         Returns L maps ``(B,D,h_l,w_l)`` and L masks ``(B,h_l,w_l)`` True on padding (all None without padding), and
         every level the backbone computed: level → ``(features (B,C,h,w), mask (B,h,w) or None)``.
         """
-        if padding_mask is not None and not bool(padding_mask.any()):
+        if padding_mask is not None and not exporting() and not bool(padding_mask.any()):
             padding_mask = None
         exact = self.config.mask_backbone_padding and padding_mask is not None
         computed = self.backbone(pixel_values, padding_mask)  # [(B, C_l, h_l, w_l), (B, h_l, w_l)]
@@ -401,12 +449,14 @@ class DeformableDETR(Detector):
             masks.append(mask)
         return srcs, masks, backbone_levels
 
-    def forward(self, pixel_values: Tensor, padding_mask: Tensor | None = None) -> dict:
+    def forward(
+        self, pixel_values: Tensor, padding_mask: Tensor | None = None, targets: list[dict] | None = None
+    ) -> dict:
         self._check_inputs(pixel_values, padding_mask)
         c = self.config
         srcs, masks, backbone_levels = self.multi_scale_features(pixel_values, padding_mask)
         b, d = srcs[0].shape[:2]
-        shapes = [(int(s.shape[2]), int(s.shape[3])) for s in srcs]
+        shapes = [(s.shape[2], s.shape[3]) for s in srcs]  # ints; symbolic under export (int() would fix them)
         flat, pos_flat = [], []
         for level, (src, mask) in enumerate(zip(srcs, masks, strict=True)):
             h, w = shapes[level]
@@ -415,7 +465,8 @@ class DeformableDETR(Detector):
             pos_flat.append(pos.flatten(2).transpose(1, 2) + self.level_embed[level].view(1, 1, -1))
         src = torch.cat(flat, 1)  # (B, S, D)
         pos = torch.cat(pos_flat, 1)  # (B, S, D)
-        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=src.device)  # (L, 2)
+        # (L, 2); under export the sizes stay symbolic as a list: a tensor made from them would be a constant
+        spatial_shapes = shapes if exporting() else torch.as_tensor(shapes, dtype=torch.long, device=src.device)
         if masks[0] is None:
             flat_mask = None
             valid_ratios = src.new_ones(b, len(shapes), 2)
@@ -425,25 +476,60 @@ class DeformableDETR(Detector):
 
         memory = self.encoder(src, pos, spatial_shapes, shapes, valid_ratios, flat_mask)  # (B, S, D)
 
+        # training-only queries (denoising.py): never at inference, so evaluation and export see Q queries
+        extra = extra_queries(self.denoising, c, targets, b, memory.device) if self.training else None
+        num_one_to_many = extra.num_one_to_many if extra is not None else 0
         enc_outputs = None
         if c.two_stage:
-            query_pos, tgt, reference, enc_outputs = self._two_stage_queries(memory, flat_mask, shapes)
+            query_pos, tgt, reference, enc_outputs = self._two_stage_queries(memory, flat_mask, shapes, num_one_to_many)
         else:
-            query_pos, tgt = self.query_embed.weight.split(d, dim=1)  # (Q, D) each
+            embed = self.query_embed.weight  # (Q, 2D)
+            if num_one_to_many:
+                embed = torch.cat([embed, self.one_to_many_embed.weight])  # (Q + Qo, 2D)
+            query_pos, tgt = embed.split(d, dim=1)  # (Q, D) each
             query_pos = query_pos[None].expand(b, -1, -1)  # (B, Q, D)
             tgt = tgt[None].expand(b, -1, -1)  # (B, Q, D)
             reference = self.reference_points(query_pos).sigmoid()  # (B, Q, 2)
-        hs, boxes = self.decoder(tgt, query_pos, reference, memory, spatial_shapes, valid_ratios, flat_mask)
+        self_attn_mask = None
+        if extra is not None:
+            query_pos, tgt, reference = self._with_denoising(query_pos, tgt, reference, extra)
+            self_attn_mask = query_attention_mask(c.num_queries, extra)  # (B, 1, Qt, Qt)
+        hs, boxes = self.decoder(
+            tgt, query_pos, reference, memory, spatial_shapes, valid_ratios, flat_mask, self_attn_mask
+        )  # (N, B, Qt, D), (N, B, Qt, 4)
         if isinstance(self.class_embed, nn.ModuleList):
             logits = torch.stack([head(h) for head, h in zip(self.class_embed, hs, strict=True)])  # (N, B, Q, K)
         else:
             logits = self.class_embed(hs)  # (N, B, Q, K)
+        logits, boxes, extras = split_outputs(logits, boxes, c.num_queries, extra, aux=c.aux_loss)
         out = self._pack_outputs(logits, boxes)
+        out.update(extras)
         if enc_outputs is not None:
             out["enc_outputs"] = enc_outputs
         if c.masks:
-            out["pred_masks"] = self._masks_output(hs[-1], memory, srcs, masks, shapes, backbone_levels)
+            queries = hs[-1, :, : c.num_queries]  # (B, Q, D)
+            out["pred_masks"] = self._masks_output(queries, memory, srcs, masks, shapes, backbone_levels)
         return out
+
+    def _with_denoising(
+        self, query_pos: Tensor, tgt: Tensor, reference: Tensor, extra: ExtraQueries
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Insert the denoising queries between the matching and the one-to-many ones: positions from their noised
+        boxes through the proposals' embedding, contents from their noised labels, the boxes as references.
+        ``query_pos``, ``tgt`` ``(B,Q+Qo,D)``, ``reference (B,Q+Qo,4)`` → ``(B,Qt,·)``."""
+        if not extra.num_denoising:
+            return query_pos, tgt, reference
+        assert self.denoising is not None
+        q, d = self.config.num_queries, query_pos.shape[-1]
+        boxes = extra.boxes.to(reference.dtype)  # (B, Qd, 4)
+        dn_pos = self.pos_trans_norm(self.pos_trans(_proposal_sine_embed(inverse_sigmoid(boxes), d // 2)))
+        dn_pos = dn_pos[..., :d]  # (B, Qd, D): the position half, as for proposals
+        dn_tgt = self.denoising.content(extra.labels)  # (B, Qd, D)
+
+        def insert(x: Tensor, y: Tensor) -> Tensor:
+            return torch.cat([x[:, :q], y, x[:, q:]], 1)
+
+        return insert(query_pos, dn_pos), insert(tgt, dn_tgt), insert(reference, boxes)
 
     def _masks_output(
         self,
@@ -455,8 +541,9 @@ class DeformableDETR(Detector):
         backbone_levels: dict[int, tuple[Tensor, Tensor | None]],
     ) -> Tensor:
         """``pred_masks (B,Q,h_1,w_1)`` from ``queries (B,Q,D)`` attending to the encoder ``memory (B,S,D)`` of the
-        coarsest backbone level, whose projected map ``srcs[l]`` the head reads, as DETR's reads its one level."""
-        level = self.num_backbone_levels - 1
+        backbone level ``mask_feature_level`` (the coarsest by default), whose projected map ``srcs[l]`` the head reads,
+        as DETR's reads its one level."""
+        level = BACKBONE_LEVELS[-self.num_backbone_levels :].index(self.config.mask_feature_level)
         start = sum(h * w for h, w in shapes[:level])
         h, w = shapes[level]
         level_memory = memory[:, start : start + h * w]  # (B, h·w, D)
@@ -483,16 +570,18 @@ class DeformableDETR(Detector):
         return torch.stack([valid_w, valid_h], -1)
 
     def _two_stage_queries(
-        self, memory: Tensor, flat_mask: Tensor | None, shapes: list[tuple[int, int]]
+        self, memory: Tensor, flat_mask: Tensor | None, shapes: list[tuple[int, int]], num_one_to_many: int = 0
     ) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
         """Section 4.2: score every encoder token as a proposal, keep the top Q (by the first class's logit, as
-        the official code), and derive the decoder's queries from their boxes.
+        the official code), and derive the decoder's queries from their boxes; with ``mixed_query_selection``
+        (DINO Sec. 3.4) only the positions and reference boxes, the contents being learned embeddings. The
+        one-to-many branch's ``num_one_to_many`` queries are the next proposals in rank (H-DETR).
 
         Returns ``query_pos (B,Q,D)``, ``tgt (B,Q,D)``, ``reference (B,Q,4)`` (detached boxes) and the
-        ``enc_outputs`` dict (``pred_logits (B,S,K)``, ``pred_boxes (B,S,4)``).
+        ``enc_outputs`` dict (``pred_logits (B,S,K)``, ``pred_boxes (B,S,4)``); Q counts the one-to-many queries.
         """
         b, s, d = memory.shape
-        q = self.config.num_queries
+        q = self.config.num_queries + num_one_to_many
         if s < q:
             raise ValueError(
                 f"two-stage Deformable DETR keeps the top num_queries={q} of the encoder's {s} tokens: "
@@ -508,6 +597,11 @@ class DeformableDETR(Detector):
         coords = enc_coords.gather(1, top[..., None].expand(-1, -1, 4)).detach()  # (B, Q, 4)
         pos = self.pos_trans_norm(self.pos_trans(_proposal_sine_embed(coords, d // 2)))  # (B, Q, 2D)
         query_pos, tgt = pos.split(d, dim=-1)  # (B, Q, D) each
+        if self.config.mixed_query_selection:
+            content = self.query_content.weight  # (Q, D)
+            if num_one_to_many:
+                content = torch.cat([content, self.one_to_many_embed.weight])  # (Q + Qo, D)
+            tgt = content[None].expand(b, -1, -1)
         enc_outputs = {"pred_logits": enc_logits, "pred_boxes": enc_coords.sigmoid()}
         return query_pos, tgt, coords.sigmoid(), enc_outputs
 
@@ -560,18 +654,43 @@ def _proposal_sine_embed(coords: Tensor, num_feats: int, temperature: float = 10
     return pos.to(coords.dtype)
 
 
-DEFORMABLE_FIELDS = ("num_feature_levels", "enc_points", "dec_points", "box_refine", "two_stage")
+DEFORMABLE_FIELDS = (
+    "num_feature_levels",
+    "enc_points",
+    "dec_points",
+    "box_refine",
+    "two_stage",
+    "mixed_query_selection",
+)
 
 
 def _check_config(config: ModelConfig) -> None:
     check_resnet_config(config)
     check_mask_config(config)
+    check_mask_feature_level(config, BACKBONE_LEVELS[-min(config.num_feature_levels, len(BACKBONE_LEVELS)) :])
+    check_query_training_config(config)
+    if config.mixed_query_selection and not config.two_stage:
+        raise ValueError("mixed_query_selection selects encoder proposals: it needs two_stage=true (and box_refine)")
+    if config.look_forward_twice and not config.box_refine:
+        raise ValueError("look_forward_twice changes how refined boxes are trained: it needs box_refine=true")
+    if config.dn_groups and not config.two_stage:
+        raise ValueError(
+            "denoising queries on Deformable DETR need box references for every query: set two_stage=true "
+            "(with box_refine, and mixed_query_selection as DINO), or dn_groups=0"
+        )
 
 
 ARCHITECTURE = Architecture(
     name="deformable_detr",
     model=DeformableDETR,
-    fields=(*RESNET_CONFIG_FIELDS, *DEFORMABLE_FIELDS, *MASK_FIELDS),
+    fields=(
+        *RESNET_CONFIG_FIELDS,
+        *DEFORMABLE_FIELDS,
+        "look_forward_twice",
+        *QUERY_TRAINING_FIELDS,
+        *MASK_FIELDS,
+        *MULTI_SCALE_MASK_FIELDS,
+    ),
     shape_fields=(*RESNET_SHAPE_FIELDS, *DEFORMABLE_FIELDS, *MASK_SHAPE_FIELDS),
     check=_check_config,
 )

@@ -13,11 +13,19 @@ import torch
 from torch import Tensor, nn
 
 from ..config import ModelConfig
-from .layers import FFN, Attention, EncoderLayer
+from .denoising import (
+    QUERY_TRAINING_FIELDS,
+    ExtraQueries,
+    extra_queries,
+    query_attention_mask,
+    split_outputs,
+)
+from .layers import FFN, Attention, EncoderLayer, inverse_sigmoid
 from .registry import Architecture
 from .single_scale import (
     SINGLE_SCALE_FIELDS,
     SINGLE_SCALE_SHAPE_FIELDS,
+    EncodedImage,
     SingleScaleDetector,
     check_single_scale_config,
 )
@@ -47,11 +55,18 @@ class DecoderLayer(nn.Module):
         self.dropout3 = nn.Dropout(dropout)
 
     def forward(
-        self, tgt: Tensor, query_pos: Tensor, memory: Tensor, pos: Tensor, padding_mask: Tensor | None
+        self,
+        tgt: Tensor,
+        query_pos: Tensor,
+        memory: Tensor,
+        pos: Tensor,
+        padding_mask: Tensor | None,
+        self_attn_mask: Tensor | None = None,
     ) -> Tensor:
-        """``tgt (B,Q,D)``, ``query_pos (B,Q,D)``, ``memory (B,S,D)``, ``pos (B,S,D)`` → ``(B,Q,D)``."""
+        """``tgt (B,Q,D)``, ``query_pos (B,Q,D)``, ``memory (B,S,D)``, ``pos (B,S,D)``, ``self_attn_mask (B,1,Q,Q)``
+        (True: may attend; the training-only queries', ``denoising.py``) → ``(B,Q,D)``."""
         q = tgt + query_pos
-        tgt = self.norm1(tgt + self.dropout1(self.self_attn(q, q, tgt)))
+        tgt = self.norm1(tgt + self.dropout1(self.self_attn(q, q, tgt, attn_mask=self_attn_mask)))
         tgt = self.norm2(tgt + self.dropout2(self.cross_attn(tgt + query_pos, memory + pos, memory, padding_mask)))
         return self.norm3(tgt + self.dropout3(self.ffn(tgt)))
 
@@ -99,14 +114,27 @@ class Transformer(nn.Module):
             memory = layer(memory, pos, padding_mask)
         return memory
 
-    def decode(self, memory: Tensor, pos: Tensor, padding_mask: Tensor | None, query_embed: Tensor) -> Tensor:
+    def decode(
+        self,
+        memory: Tensor,
+        pos: Tensor,
+        padding_mask: Tensor | None,
+        query_embed: Tensor,
+        *,
+        content: Tensor | None = None,
+        self_attn_mask: Tensor | None = None,
+    ) -> Tensor:
         """The decoder: ``memory (B,S,D)``, ``pos (B,S,D)``, ``padding_mask (B,S)`` or None, ``query_embed (Q,D)``
-        → ``(L, B, Q, D)`` every layer's normalised output."""
-        query_pos = query_embed[None].expand(memory.shape[0], -1, -1)  # (B, Q, D)
-        tgt = torch.zeros_like(query_pos)  # the decoder starts from zeros; queries enter as positions (paper, A.3)
+        (or ``(B,Q,D)`` per image), optional ``content (B,Q,D)`` queries (zeros by default) and ``self_attn_mask``
+        ``(B,1,Q,Q)`` → ``(L, B, Q, D)`` every layer's normalised output."""
+        if query_embed.dim() == 2:
+            query_embed = query_embed[None].expand(memory.shape[0], -1, -1)
+        query_pos = query_embed  # (B, Q, D)
+        # the decoder starts from zeros; queries enter as positions (paper, A.3); denoising queries bring content
+        tgt = torch.zeros_like(query_pos) if content is None else content
         hs = []
         for layer in self.decoder:
-            tgt = layer(tgt, query_pos, memory, pos, padding_mask)
+            tgt = layer(tgt, query_pos, memory, pos, padding_mask, self_attn_mask)
             hs.append(self.decoder_norm(tgt))
         return torch.stack(hs)  # (L, B, Q, D)
 
@@ -124,7 +152,8 @@ class DETR(SingleScaleDetector):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
         c = config
-        self.query_embed = nn.Embedding(c.num_queries, c.hidden_dim)
+        if not c.two_stage:  # with query selection, positions come from the selected anchors
+            self.query_embed = nn.Embedding(c.num_queries, c.hidden_dim)
         self.transformer = Transformer(
             dim=c.hidden_dim,
             num_heads=c.num_heads,
@@ -137,23 +166,59 @@ class DETR(SingleScaleDetector):
         )
         self.add_heads()
         self.add_mask_head()
+        self.add_query_selection()
+        self.add_training_queries()
 
-    def forward(self, pixel_values: Tensor, padding_mask: Tensor | None = None) -> dict:
+    def forward(
+        self, pixel_values: Tensor, padding_mask: Tensor | None = None, targets: list[dict] | None = None
+    ) -> dict:
         enc = self.encode_image(pixel_values, padding_mask)
         memory = self.transformer.encode(enc.src, enc.pos, enc.flat_mask)  # (B, S, D)
-        hs = self.transformer.decode(memory, enc.pos, enc.flat_mask, self.query_embed.weight)  # (L, B, Q, D)
-        logits = self.class_embed(hs)  # (L, B, Q, K+1)
-        boxes = self.bbox_embed(hs).sigmoid()  # (L, B, Q, 4)
+        b, q = memory.shape[0], self.config.num_queries
+        # training-only queries (denoising.py): never at inference, so evaluation and export see Q queries
+        extra = extra_queries(self.denoising, self.config, targets, b, memory.device) if self.training else None
+        if self.config.two_stage:
+            return self._forward_selected(memory, enc, extra)
+        if extra is None:
+            hs = self.transformer.decode(memory, enc.pos, enc.flat_mask, self.query_embed.weight)  # (L, B, Q, D)
+        else:
+            position, content = self.training_queries(extra, self.query_embed.weight[None].expand(b, -1, -1))
+            mask = query_attention_mask(q, extra)  # (B, 1, Qt, Qt)
+            hs = self.transformer.decode(
+                memory, enc.pos, enc.flat_mask, position, content=content, self_attn_mask=mask
+            )  # (L, B, Qt, D)
+        logits = self.class_embed(hs)  # (L, B, Qt, K+1)
+        boxes = self.bbox_embed(hs).sigmoid()  # (L, B, Qt, 4)
+        logits, boxes, extras = split_outputs(logits, boxes, q, extra, aux=self.config.aux_loss)
         out = self._pack_outputs(logits, boxes)
+        out.update(extras)
         if self.config.masks:
-            out["pred_masks"] = self.masks_output(hs[-1], memory, enc)  # (B, Q, H/4, W/4)
+            out["pred_masks"] = self.masks_output(hs[-1, :, :q], memory, enc)  # (B, Q, H/4, W/4)
+        return out
+
+    def _forward_selected(self, memory: Tensor, enc: EncodedImage, extra: ExtraQueries | None) -> dict:
+        """``forward`` with query selection (``two_stage``): each query's position is the embedding of its anchor
+        box (``select_queries``), and boxes are predicted relative to the anchor."""
+        c, q = self.config, self.config.num_queries
+        sel = self.selected_queries(memory, enc, extra)
+        hs = self.transformer.decode(
+            memory, enc.pos, enc.flat_mask, sel.position, content=sel.content, self_attn_mask=sel.self_attn_mask
+        )  # (L, B, Qt, D)
+        logits = self.class_embed(hs)  # (L, B, Qt, K+1)
+        boxes = (self.bbox_embed(hs) + inverse_sigmoid(sel.anchors)).sigmoid()  # (L, B, Qt, 4)
+        logits, boxes, extras = split_outputs(logits, boxes, q, extra, aux=c.aux_loss)
+        out = self._pack_outputs(logits, boxes)
+        out.update(extras)
+        out["enc_outputs"] = sel.enc_outputs
+        if c.masks:
+            out["pred_masks"] = self.masks_output(hs[-1, :, :q], memory, enc)  # (B, Q, H/4, W/4)
         return out
 
 
 ARCHITECTURE = Architecture(
     name="detr",
     model=DETR,
-    fields=SINGLE_SCALE_FIELDS,
-    shape_fields=SINGLE_SCALE_SHAPE_FIELDS,
+    fields=(*SINGLE_SCALE_FIELDS, "two_stage", *QUERY_TRAINING_FIELDS),
+    shape_fields=(*SINGLE_SCALE_SHAPE_FIELDS, "two_stage"),
     check=check_single_scale_config,
 )

@@ -31,8 +31,17 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(dim, dim)
         self.out_proj = nn.Linear(dim, dim)
 
-    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
-        """Args: ``query (B,T,D)``, ``key (B,S,D)``, ``value (B,S,D)``, ``key_padding_mask (B,S)`` True on padding.
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Tensor | None = None,
+        attn_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Args: ``query (B,T,D)``, ``key (B,S,D)``, ``value (B,S,D)``, ``key_padding_mask (B,S)`` True on padding,
+        ``attn_mask (B,1,T,S)`` True where a query may attend to a key (the training-only queries' mask,
+        ``models/denoising.py``; not with ``key_padding_mask``).
 
         Returns ``(B,T,D)``.
         """
@@ -42,8 +51,9 @@ class Attention(nn.Module):
         q = self.q_proj(query).view(b, t, nh, d // nh).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k_proj(key).view(b, s, nh, d // nh).transpose(1, 2)  # (B, nh, S, hd)
         v = self.v_proj(value).view(b, s, nh, d // nh).transpose(1, 2)  # (B, nh, S, hd)
-        attn_mask = None
         if key_padding_mask is not None:
+            if attn_mask is not None:
+                raise ValueError("Attention takes key_padding_mask or attn_mask, not both")
             attn_mask = ~key_padding_mask[:, None, None, :]  # (B, 1, 1, S) True = attend
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0

@@ -50,6 +50,7 @@ COMMON_FIELDS = frozenset(
         "image_size",
         "max_size",
         "panoptic_threshold",
+        "panoptic_merge",
         "options",
     }
 )

@@ -5,9 +5,10 @@ Each query's final decoder embedding attends to the encoder memory of one featur
 weights only, no values, so every query gets ``nh`` heat maps at that map's stride (32 for DETR). A small FPN-style
 convolutional head concatenates them with the projected feature map, then upsamples three times, each time adding
 a backbone stage (layer3, layer2, layer1: strides 16, 8, 4) through a 1×1 adapter, down to one mask-logit map per
-query at stride 4. Layout, widths, GroupNorm groups and initialisation are facebookresearch/detr's
-``MHAttentionMap`` and ``MaskHeadSmallConv`` (transformers' ``DetrForSegmentation`` computes the same), so that
-published weights convert and give the same masks.
+query at stride 4 (a map attended at stride 16, Deformable DETR's ``mask_feature_level=3``, meets layer3 at its own
+size: the first step adds it without upsampling). Layout, widths, GroupNorm groups and initialisation are
+facebookresearch/detr's ``MHAttentionMap`` and ``MaskHeadSmallConv`` (transformers' ``DetrForSegmentation`` computes
+the same), so that published weights convert and give the same masks.
 
 Padding: with ``exact`` (a model built with ``mask_backbone_padding=True``, detrkit's default) padded cells are
 zeroed before every 3×3 convolution and GroupNorm statistics are taken over image cells only, so an image's masks
@@ -27,11 +28,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..backbone import exporting
 from ..config import ModelConfig
 
 # The ModelConfig fields of an architecture with the mask head, and those of them that decide its weights.
 MASK_FIELDS = ("masks", "freeze_detector", "mask_attention_scale")
 MASK_SHAPE_FIELDS = ("masks",)
+# ... and of an architecture with several encoder levels (Deformable DETR): which of them the head attends to.
+MULTI_SCALE_MASK_FIELDS = ("mask_feature_level",)
 # Every parameter of the mask head lives under these names (what ``freeze_detector`` leaves trainable).
 MASK_HEAD_PREFIXES = ("bbox_attention.", "mask_head.")
 # The backbone stages whose features the head upsamples with, coarsest first.
@@ -54,6 +58,16 @@ def check_mask_config(config: ModelConfig) -> None:
     if config.masks and config.hidden_dim < 16:
         raise ValueError(
             f"masks=True needs hidden_dim ≥ 16 (the last mask-head block has D/16 channels), got {config.hidden_dim}"
+        )
+
+
+def check_mask_feature_level(config: ModelConfig, levels: tuple[int, ...]) -> None:
+    """Refuse a ``mask_feature_level`` that is not among the backbone ``levels`` whose encoder memory the model
+    computes (e.g. stride 16 for a single-level Deformable DETR)."""
+    if config.masks and config.mask_feature_level not in levels:
+        raise ValueError(
+            f"mask_feature_level={config.mask_feature_level}: the encoder memory holds backbone levels {list(levels)} "
+            f"only (num_feature_levels={config.num_feature_levels}); use one of them"
         )
 
 
@@ -200,7 +214,7 @@ def predict_masks(
 
     Returns ``(B,Q,h_1,w_1)``: stride 4 of the padded input.
     """
-    attended = padding_mask if padding_mask is not None and bool(padding_mask.any()) else None
+    attended = padding_mask if padding_mask is not None and (exporting() or bool(padding_mask.any())) else None
     attention = bbox_attention(queries, memory, features.shape[-2:], attended)  # (B, Q, nh, h, w)
     if attention_scale == "unit":
         b, _, nh, h, w = attention.shape
@@ -209,7 +223,7 @@ def predict_masks(
     valid = None
     finest = fpn[-1][1]
     # padding can show at stride 4 and not at the attended map's stride: the finest map decides
-    if exact and padding_mask is not None and finest is not None and bool(finest.any()):
+    if exact and padding_mask is not None and finest is not None and (exporting() or bool(finest.any())):
         masks = [padding_mask] + [m for _, m in fpn]
         valid = [(~m)[:, None].to(features.dtype) for m in masks]  # (B, 1, ·, ·) each
     return mask_head(features, attention, [f for f, _ in fpn], valid)

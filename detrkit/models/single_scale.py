@@ -3,21 +3,29 @@ encoding, the class and box heads, and (``masks=True``) the mask head over layer
 
 Legend: B batch, H×W padded input, h×w the feature map, S = h·w tokens, D model width, K classes, Q queries.
 
-Layer: models (a base class, not an architecture). Imports the building blocks, ``models.base``, ``models.layers``
-and ``models.segmentation``.
+Layer: models (a base class, not an architecture). Imports the building blocks, ``models.base``, ``models.layers``,
+``models.denoising`` and ``models.segmentation``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
-from ..backbone import RESNET_CONFIG_FIELDS, RESNET_SHAPE_FIELDS, ResNetBackbone, check_resnet_config
+from ..backbone import RESNET_CONFIG_FIELDS, RESNET_SHAPE_FIELDS, ResNetBackbone, check_resnet_config, exporting
 from ..config import ModelConfig
 from ..position_encoding import build_position_encoding
 from .base import Detector
-from .layers import MLP, init_focal_bias
+from .denoising import (
+    BoxPosition,
+    DenoisingQueries,
+    ExtraQueries,
+    check_query_training_config,
+    query_attention_mask,
+)
+from .layers import MLP, init_focal_bias, inverse_sigmoid
 from .segmentation import (
     FPN_LEVELS,
     MASK_FIELDS,
@@ -35,9 +43,11 @@ SINGLE_SCALE_SHAPE_FIELDS = (*RESNET_SHAPE_FIELDS, "feature_level", *MASK_SHAPE_
 
 
 def check_single_scale_config(config: ModelConfig) -> None:
-    """The checks of a single-scale architecture's ``ModelConfig``: a ResNet backbone, a mask head that fits."""
+    """The checks of a single-scale architecture's ``ModelConfig``: a ResNet backbone, a mask head that fits,
+    training-only queries that fit."""
     check_resnet_config(config)
     check_mask_config(config)
+    check_query_training_config(config)
 
 
 @dataclass
@@ -55,6 +65,19 @@ class EncodedImage:
     projected: Tensor
     mask: Tensor | None
     levels: dict[int, tuple[Tensor, Tensor | None]]
+
+
+@dataclass
+class SelectedQueries:
+    """The decoder's inputs with query selection: ``anchors (B,Qt,4)`` normalised cxcywh (detached), ``position``
+    and ``content (B,Qt,D)``, the training-only queries' ``self_attn_mask (B,1,Qt,Qt)`` (None without them), and the
+    proposals for the criterion, ``enc_outputs`` (``pred_logits (B,S,C)``, ``pred_boxes (B,S,4)``)."""
+
+    anchors: Tensor
+    position: Tensor
+    content: Tensor
+    self_attn_mask: Tensor | None
+    enc_outputs: dict[str, Tensor]
 
 
 class SingleScaleDetector(Detector):
@@ -99,6 +122,120 @@ class SingleScaleDetector(Detector):
         if c.freeze_detector:
             freeze_all_but_mask_head(self)
 
+    def add_training_queries(self) -> None:
+        """The training-only queries' parameters (``denoising.py``), added last so that a seeded build initialises
+        everything else as without them: the noised labels' embedding and the box → position map (``dn_groups``),
+        the one-to-many queries' learned positions (``one_to_many_queries``)."""
+        c = self.config
+        self.denoising: DenoisingQueries | None = None
+        if c.dn_groups:
+            self.denoising = DenoisingQueries(
+                c.num_classes,
+                c.hidden_dim,
+                groups=c.dn_groups,
+                label_noise=c.dn_label_noise,
+                box_noise=c.dn_box_noise,
+                contrastive=c.dn_contrastive,
+                box_position=BoxPosition(c.hidden_dim, c.position_temperature),
+            )
+        if c.one_to_many_queries:
+            self.one_to_many_embed = nn.Embedding(c.one_to_many_queries, c.hidden_dim)
+
+    def add_query_selection(self) -> None:
+        """With ``two_stage``, query selection (Deformable DETR's two-stage, DINO Sec. 3.4, on the one feature map):
+        every encoder token scores and regresses a proposal around its cell (``enc_*``); the top Q become the
+        queries' anchor boxes and, through ``query_position``, their positions (``select_queries``)."""
+        c = self.config
+        if not c.two_stage:
+            return
+        d = c.hidden_dim
+        self.enc_output = nn.Linear(d, d)
+        self.enc_output_norm = nn.LayerNorm(d)
+        self.enc_class_embed = nn.Linear(d, c.num_classes if c.focal else c.num_classes + 1)
+        if c.focal:
+            init_focal_bias(self.enc_class_embed)
+        self.enc_bbox_embed = MLP(d, d, 4, 3)
+        nn.init.zeros_(self.enc_bbox_embed.layers[-1].weight)
+        nn.init.zeros_(self.enc_bbox_embed.layers[-1].bias)
+        self.query_position = BoxPosition(d, c.position_temperature)
+        # boxes start at their anchors: the box head predicts offsets in logit space
+        nn.init.zeros_(self.bbox_embed.layers[-1].weight)
+        nn.init.zeros_(self.bbox_embed.layers[-1].bias)
+
+    def selected_queries(self, memory: Tensor, enc: EncodedImage, extra: ExtraQueries | None) -> SelectedQueries:
+        """The decoder's queries with query selection over ``[matching | denoising | one-to-many]``: anchors from
+        the selected proposals (the one-to-many branch takes the next ones in rank, as H-DETR), the denoising
+        queries' noised boxes as theirs; positions from the anchors, contents zero (noised labels for denoising
+        queries). ``memory (B,S,D)``."""
+        q = self.config.num_queries
+        num_one_to_many = extra.num_one_to_many if extra is not None else 0
+        anchors, enc_outputs = self.select_queries(memory, enc, q + num_one_to_many)  # (B, Q + Qo, 4)
+        position = self.query_position(anchors)  # (B, Q + Qo, D)
+        content = torch.zeros_like(position)
+        self_attn_mask = None
+        if extra is not None:
+            if extra.num_denoising:
+                assert self.denoising is not None
+                noised = extra.boxes.to(anchors.dtype)  # (B, Qd, 4)
+
+                def insert(x: Tensor, y: Tensor) -> Tensor:
+                    return torch.cat([x[:, :q], y, x[:, q:]], 1)
+
+                anchors = insert(anchors, noised)
+                position = insert(position, self.query_position(noised))
+                content = insert(content, self.denoising.content(extra.labels))
+            self_attn_mask = query_attention_mask(q, extra)  # (B, 1, Qt, Qt)
+        return SelectedQueries(anchors, position, content, self_attn_mask, enc_outputs)
+
+    def select_queries(self, memory: Tensor, enc: EncodedImage, k: int) -> tuple[Tensor, dict[str, Tensor]]:
+        """The ``k`` best proposals of the encoder tokens ``memory (B,S,D)``: ``(B,k,4)`` detached normalised cxcywh
+        boxes, ranked by the first class's logit (the criterion trains ``enc_outputs`` class-agnostically, every
+        target as class 0), and ``enc_outputs`` (``pred_logits (B,S,C)``, ``pred_boxes (B,S,4)``). A proposal is
+        centred on its cell with a side of two cells of the image's valid region."""
+        b, s, _ = memory.shape
+        if s < k:
+            raise ValueError(
+                f"query selection keeps the top {k} of the encoder's {s} tokens: use larger images or fewer queries"
+            )
+        h, w = enc.projected.shape[-2:]
+        if enc.mask is None:
+            valid = memory.new_tensor([w, h]).expand(b, 2)  # (B, 2) valid cells (x, y)
+        else:
+            valid = torch.stack([(~enc.mask[:, 0, :]).sum(1), (~enc.mask[:, :, 0]).sum(1)], -1).to(memory.dtype)
+        ys, xs = torch.meshgrid(
+            torch.arange(h, dtype=memory.dtype, device=memory.device) + 0.5,
+            torch.arange(w, dtype=memory.dtype, device=memory.device) + 0.5,
+            indexing="ij",
+        )
+        centre = torch.stack([xs, ys], -1).view(1, s, 2) / valid[:, None]  # (B, S, 2)
+        size = (2.0 / valid)[:, None].expand(b, s, 2)  # (B, S, 2)
+        proposals = torch.cat([centre, size], -1).clamp(1e-3, 1 - 1e-3)  # (B, S, 4); padded cells lie past 1
+        tokens = self.enc_output_norm(self.enc_output(memory))  # (B, S, D)
+        enc_logits = self.enc_class_embed(tokens)  # (B, S, C)
+        coords = self.enc_bbox_embed(tokens) + inverse_sigmoid(proposals)  # (B, S, 4) logit space
+        scores = enc_logits[..., 0]
+        if enc.flat_mask is not None:
+            scores = scores.masked_fill(enc.flat_mask, float("-inf"))  # padded cells are never proposed
+        top = scores.topk(k, dim=1).indices  # (B, k)
+        anchors = coords.gather(1, top[..., None].expand(-1, -1, 4)).sigmoid().detach()  # (B, k, 4)
+        return anchors, {"pred_logits": enc_logits, "pred_boxes": coords.sigmoid()}
+
+    def training_queries(self, extra: ExtraQueries, matching: Tensor) -> tuple[Tensor, Tensor]:
+        """Query positions and contents ``(B,Qt,D)`` over ``[matching | denoising | one-to-many]``: the matching
+        queries' positions ``matching (B,Q,D)`` and zero content; the denoising queries' noised boxes as positions
+        and noised labels as content; the one-to-many queries' learned positions and zero content."""
+        b = matching.shape[0]
+        positions, contents = [matching], [torch.zeros_like(matching)]
+        if extra.num_denoising:
+            assert self.denoising is not None
+            positions.append(self.denoising.box_position(extra.boxes))  # (B, Qd, D)
+            contents.append(self.denoising.content(extra.labels))  # (B, Qd, D)
+        if extra.num_one_to_many:
+            one_to_many = self.one_to_many_embed.weight[None].expand(b, -1, -1)  # (B, Qo, D)
+            positions.append(one_to_many)
+            contents.append(torch.zeros_like(one_to_many))
+        return torch.cat(positions, 1), torch.cat(contents, 1)
+
     def encode_image(self, pixel_values: Tensor, padding_mask: Tensor | None) -> EncodedImage:
         """``pixel_values (B,3,H,W)``, ``padding_mask (B,H,W)`` → the transformer's inputs and what the mask head
         reads (see ``EncodedImage``)."""
@@ -110,7 +247,7 @@ class SingleScaleDetector(Detector):
         projected = self.input_proj(feat)  # (B, D, h, w)
         src = projected.flatten(2).transpose(1, 2)  # (B, S, D)
         pos = pos.flatten(2).transpose(1, 2)  # (B, S, D)
-        flat_mask = mask.flatten(1) if mask is not None and bool(mask.any()) else None  # (B, S)
+        flat_mask = mask.flatten(1) if mask is not None and (exporting() or bool(mask.any())) else None  # (B, S)
         levels = dict(zip(self.backbone.return_levels, features, strict=True))
         return EncodedImage(src, pos, flat_mask, projected, mask, levels)
 

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..backbone import exporting
 from ..config import ModelConfig
 from .base import Detector
 from .layers import MLP, Attention
@@ -98,8 +99,8 @@ def resize_patch_embeddings(patch_pos: Tensor, grid: tuple[int, int], size: tupl
 
     Args: ``patch_pos (n, g_h·g_w, D)`` row-major over the grid. Returns ``(n, size_h·size_w, D)``.
     """
-    if tuple(size) == tuple(grid):
-        return patch_pos  # bicubic at scale 1 is the identity
+    if not exporting() and tuple(size) == tuple(grid):
+        return patch_pos  # bicubic at scale 1 is the identity (a graph must resize whatever size comes)
     n, _, d = patch_pos.shape
     x = patch_pos.transpose(1, 2).reshape(n, d, *grid)  # (n, D, g_h, g_w)
     x = F.interpolate(x, size=tuple(size), mode="bicubic", align_corners=False)  # (n, D, h, w)
@@ -205,7 +206,7 @@ class VisionTransformer(nn.Module):
         valid = ~padding_mask[:, : h * p, : w * p]  # (B, h·p, w·p); the patch convolution drops the rest
         patch_valid = valid.reshape(b, h, p, w, p).any(dim=4).any(dim=2)  # (B, h, w) padding iff all pixels are
         sizes = torch.stack([patch_valid.any(dim=2).sum(dim=1), patch_valid.any(dim=1).sum(dim=1)], dim=1)  # (B, 2)
-        if bool((sizes == sizes.new_tensor([h, w])).all()):
+        if not exporting() and bool((sizes == sizes.new_tensor([h, w])).all()):
             return None, None
         device = padding_mask.device
         rows = torch.arange(h, device=device) < sizes[:, :1]  # (B, h)
@@ -224,7 +225,24 @@ class VisionTransformer(nn.Module):
             return torch.cat([cls, patch, det], dim=1)[:, None]  # (n, 1, S, D)
         n, d = table.shape[0], table.shape[-1]
         b = sizes.shape[0]
-        canvas = table.new_zeros(n, b, grid[0], grid[1], d)  # (n, B, h, w, D)
+        if exporting():
+            # A graph cannot loop over the distinct sizes a batch will hold: the same resize, per image, as
+            # matrix products with bicubic weights computed from its size (equal up to float rounding).
+            rows = bicubic_resize_matrix(grid[0], self.grid[0], sizes[:, 0])  # (B, h, g_h)
+            cols = bicubic_resize_matrix(grid[1], self.grid[1], sizes[:, 1])  # (B, w, g_w)
+            patch = patch.reshape(n, self.grid[0], self.grid[1], d)  # (n, g_h, g_w, D)
+            canvas = torch.einsum("bhy,nyxd,bwx->nbhwd", rows.to(table.dtype), patch, cols.to(table.dtype))
+        else:
+            canvas = self._resized_canvas(patch, grid, sizes)  # (n, B, h, w, D)
+        patch = canvas.flatten(2, 3)  # (n, B, G, D)
+        return torch.cat([cls[:, None].expand(n, b, 1, d), patch, det[:, None].expand(n, b, -1, d)], dim=2)
+
+    def _resized_canvas(self, patch: Tensor, grid: tuple[int, int], sizes: Tensor) -> Tensor:
+        """``patch (n, g_h·g_w, D)`` resized to each image's grid ``sizes (B, 2)``, at the top-left of an ``h×w``
+        canvas of zeros → ``(n, B, h, w, D)``."""
+        n, d = patch.shape[0], patch.shape[-1]
+        b = sizes.shape[0]
+        canvas = patch.new_zeros(n, b, grid[0], grid[1], d)  # (n, B, h, w, D)
         # One resize per distinct image size in the batch (usually one or two), not one per image.
         for hi, wi in torch.unique(sizes, dim=0).tolist():
             if hi == 0 or wi == 0:
@@ -232,8 +250,33 @@ class VisionTransformer(nn.Module):
             index = ((sizes[:, 0] == hi) & (sizes[:, 1] == wi)).nonzero().flatten()
             resized = resize_patch_embeddings(patch, self.grid, (hi, wi))  # (n, hi·wi, D)
             canvas[:, index, :hi, :wi] = resized.reshape(n, 1, hi, wi, d)
-        patch = canvas.flatten(2, 3)  # (n, B, G, D)
-        return torch.cat([cls[:, None].expand(n, b, 1, d), patch, det[:, None].expand(n, b, -1, d)], dim=2)
+        return canvas
+
+
+def bicubic_resize_matrix(out_len: int, in_len: int, sizes: Tensor) -> Tensor:
+    """The matrix ``M (B, out_len, in_len)`` with ``M[b] @ x`` = ``F.interpolate(x, sizes[b], mode="bicubic",
+    align_corners=False)`` along one axis, zero-padded to ``out_len`` rows: PyTorch's upsample_bicubic2d weights
+    (A = -0.75, source index ``(o + 0.5)·in/size - 0.5``, taps clamped at the borders). ``sizes (B,)`` integers."""
+    a = -0.75
+    size = sizes.to(torch.float32)[:, None]  # (B, 1)
+    o = torch.arange(out_len, device=sizes.device, dtype=torch.float32)[None]  # (1, out_len)
+    real = (in_len / size.clamp(min=1)) * (o + 0.5) - 0.5  # (B, out_len)
+    first = real.floor()
+    t = real - first
+    u = 1 - t
+    coeffs = torch.stack(  # (B, out_len, 4): taps first-1 .. first+2
+        [
+            ((a * (t + 1) - 5 * a) * (t + 1) + 8 * a) * (t + 1) - 4 * a,
+            ((a + 2) * t - (a + 3)) * t * t + 1,
+            ((a + 2) * u - (a + 3)) * u * u + 1,
+            ((a * (u + 1) - 5 * a) * (u + 1) + 8 * a) * (u + 1) - 4 * a,
+        ],
+        dim=-1,
+    )
+    taps = (first[..., None] + torch.arange(-1, 3, device=sizes.device)).clamp(0, in_len - 1)  # (B, out_len, 4)
+    onehot = taps[..., None] == torch.arange(in_len, device=sizes.device)  # (B, out_len, 4, in_len)
+    matrix = (coeffs[..., None] * onehot).sum(2)  # (B, out_len, in_len)
+    return matrix * (o < size)[..., None]  # rows beyond an image's size are padding
 
 
 class YOLOS(Detector):
