@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from _issue18_reference import CASES, batch, compute
+from conftest import TINY as SHARED_TINY
 from safetensors import safe_open
 from test_engine import final_weights, shapes, tiny_config  # noqa: F401 - shapes is a fixture
 
@@ -29,19 +30,8 @@ from detrkit.models.denoising import DenoisingQueries, ExtraQueries, query_atten
 
 REFERENCE = Path(__file__).parent / "fixtures" / "issue18_reference.safetensors"
 
-TINY = dict(
-    backbone="resnet18",
-    hidden_dim=32,
-    num_heads=4,
-    enc_layers=1,
-    dec_layers=2,
-    ffn_dim=64,
-    num_queries=8,
-    num_classes=3,
-    dropout=0.0,
-    attention_dropout=0.0,
-    activation_dropout=0.0,
-)
+# the shared tiny model without dropout, so that outputs compare exactly
+TINY = {**SHARED_TINY, "dropout": 0.0, "attention_dropout": 0.0, "activation_dropout": 0.0}
 DINO_LIKE = dict(
     arch="deformable_detr",
     class_loss="focal",
