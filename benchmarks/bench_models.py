@@ -11,14 +11,19 @@ float32, ``torch.set_num_threads(--threads)``.
 - training step: forward + loss (5 boxes per image) + backward + AdamW at batch 2, 512×512; ResNet stages 2–4
   trainable on both sides (the papers' recipe), every ViT weight for YOLOS.
 - ``--memory``: peak RSS of each contender alone, each in its own process (inference at 800×1216, training step).
+- ``--bf16``: detrkit against itself, float32 and bfloat16 autocast (``optimize_for_inference(bf16=True)``, the
+  path of ``predict|eval --bf16``; ``train.amp=bf16`` for the training step), each line naming the CPU and whether
+  it has native bf16 (without it bf16 is emulated and slower: the figure says so rather than hiding it).
 
     .venv/bin/python benchmarks/bench_models.py [--arch detr conditional_detr deformable_detr yolos] [--runs 5]
-        [--threads 2] [--skip-train] [--skip-inference] [--memory]
+        [--threads 2] [--skip-train] [--skip-inference] [--memory] [--bf16]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import gc
 import json
 import statistics
@@ -35,6 +40,7 @@ import detrkit
 from detrkit.config import LossConfig, RunConfig
 from detrkit.engine import build_criterion
 from detrkit.models import architectures
+from detrkit.models.base import cpu_bf16
 
 ARCHS = ("detr", "conditional_detr", "deformable_detr", "yolos", "detr_panoptic")
 # Rows that are an architecture with an option: inference only (the segmentation model against DetrForSegmentation)
@@ -119,9 +125,12 @@ def bench_inference(arch: str, runs: int) -> None:
         )
 
 
-def _training_setup(arch: str, keep: str = "both") -> tuple[Callable[[], None], Callable[[], None]]:
+def _training_setup(
+    arch: str, keep: str = "both", *, bf16: bool = False
+) -> tuple[Callable[[], None], Callable[[], None]]:
     """Training steps of both contenders; ``keep="detrkit"``/``"transformers"`` builds only that one's (the other
-    step is a no-op), for memory measurements."""
+    step is a no-op), for memory measurements. ``bf16``: detrkit's forward and loss under bfloat16 autocast, as
+    the engine runs them with ``train.amp=bf16``."""
     hf, ours = _load_pair(arch)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 512, 512, generator=g)
@@ -149,7 +158,8 @@ def _training_setup(arch: str, keep: str = "both") -> tuple[Callable[[], None], 
     our_targets = [{"labels": c, "boxes": b} for c, b in zip(labels, boxes, strict=True)]
 
     def step_ours() -> None:
-        value = criterion(ours(x), our_targets)["loss"]
+        with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+            value = criterion(ours(x), our_targets)["loss"]
         opt_ours.zero_grad()
         value.backward()
         opt_ours.step()
@@ -165,6 +175,46 @@ def _training_setup(arch: str, keep: str = "both") -> tuple[Callable[[], None], 
     if keep == "transformers":
         return (lambda: None), step_hf
     return step_ours, step_hf
+
+
+def bench_bf16(arch: str, runs: int, *, train: bool) -> None:
+    """detrkit float32 against detrkit bfloat16 autocast: inference at 800×1216 and, with ``train``, the training
+    step of ``bench_training``."""
+    native, detail = cpu_bf16()
+    cpu = f"{detail}, {'native' if native else 'emulated'} bf16"
+    _, ours = _load_pair(arch)
+    fp32 = copy.deepcopy(ours).optimize_for_inference()
+    bf16 = ours.optimize_for_inference(bf16=True)
+    x = torch.randn(1, 3, 800, 1216)
+    mask = torch.zeros(1, 800, 1216, dtype=torch.bool)
+    with torch.inference_mode():
+        diff = fp32._inference_forward(x, mask)["pred_logits"] - bf16._inference_forward(x, mask)["pred_logits"]
+        diff = diff.abs().max().item()
+
+    def infer(model: torch.nn.Module) -> Callable[[], None]:
+        def timed() -> None:
+            with torch.inference_mode():
+                model._inference_forward(x, mask)
+
+        return timed
+
+    t = _median_times({"float32": infer(fp32), "bf16": infer(bf16)}, runs)
+    print(
+        f"{arch} inference 800x1216 batch=1 bf16 autocast: float32 {t['float32'] * 1e3:.0f} ms, bf16 "
+        f"{t['bf16'] * 1e3:.0f} ms, ratio {t['bf16'] / t['float32']:.2f} (max |logit diff| {diff:.1e}; {cpu})",
+        flush=True,
+    )
+    del fp32, bf16
+    if not train:
+        return
+    step_fp32, _ = _training_setup(arch, keep="detrkit")
+    step_bf16, _ = _training_setup(arch, keep="detrkit", bf16=True)
+    t = _median_times({"float32": step_fp32, "bf16": step_bf16}, runs)
+    print(
+        f"{arch} train step 512x512 batch=2 bf16 autocast: float32 {t['float32']:.2f} s, bf16 {t['bf16']:.2f} s, "
+        f"ratio {t['bf16'] / t['float32']:.2f} ({cpu})",
+        flush=True,
+    )
 
 
 def bench_training(arch: str, runs: int) -> None:
@@ -238,6 +288,7 @@ def main() -> None:
     parser.add_argument("--skip-train", action="store_true", help="time inference only")
     parser.add_argument("--skip-inference", action="store_true", help="time the training step only")
     parser.add_argument("--memory", action="store_true", help="also measure peak RSS, one process per contender")
+    parser.add_argument("--bf16", action="store_true", help="also detrkit float32 against bf16 autocast")
     parser.add_argument("--child", nargs=3, metavar=("ARCH", "CONTENDER", "TASK"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -256,6 +307,8 @@ def main() -> None:
             bench_training(arch, args.runs)
         if args.memory:
             bench_memory(arch, args.threads)
+        if args.bf16:
+            bench_bf16(arch, args.runs, train=not args.skip_train)
 
 
 if __name__ == "__main__":

@@ -142,6 +142,11 @@ def _read_training_checkpoint(obj: dict[str, Any], path: Path) -> tuple[ModelCon
     return config, state
 
 
+# Modules that DETR and Conditional DETR with query selection (``two_stage``) once built but never used (an unused
+# parameter stalls DDP): weights saved then still hold them, and load without them.
+UNUSED_BEFORE_SESSION_6 = ("transformer.ref_point_head.", "denoising.box_position.", "one_to_many_embed.")
+
+
 def _check_fits(model: Detector, state: dict[str, torch.Tensor], path: Path) -> None:
     """One sentence naming the weights and the config that disagree, with the first few keys and both shapes."""
     expected = model.state_dict()
@@ -209,6 +214,9 @@ def load(path: str | Path, *, map_location: str | torch.device = "cpu", **overri
     # nothing, and fail when they are not at hand; the config keeps its record of them
     model = build_model(config.replace(backbone_weights=None))
     model.config = config
+    expected = model.state_dict()
+    for k in [k for k in state if k.startswith(UNUSED_BEFORE_SESSION_6) and k not in expected]:
+        state.pop(k)
     _check_fits(model, state, p)
     model.load_state_dict(state)
     return model.to(map_location).eval()

@@ -320,9 +320,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo, run_panoptic_demo
 
     if args.task == "panoptic":
+        if args.dataset != "shapes":
+            raise CliError("detrkit demo: --task panoptic has its own data; --dataset is for detection")
         run_panoptic_demo(out_dir=Path(args.out or "demo_run_panoptic"), overrides=args.overrides)
     else:
-        run_demo(out_dir=Path(args.out or "demo_run"), overrides=args.overrides)
+        default_out = "demo_run" if args.dataset == "shapes" else f"demo_run_{args.dataset}"
+        run_demo(out_dir=Path(args.out or default_out), overrides=args.overrides, dataset=args.dataset)
     return 0
 
 
@@ -404,7 +407,24 @@ def _doctor_data(args: argparse.Namespace) -> int:
                 plot = plot.with_name(f"{plot.stem}_{split}{plot.suffix}")
             print(f"wrote {report.plot(plot)}")
         failed |= not report.ok
+        if split == "train":
+            _doctor_budget(config, report.num_images)
     return 1 if failed else 0
+
+
+def _doctor_budget(config, num_images: int) -> None:
+    """The run's optimizer steps on one process, and why they may be too few (``doctor.budget_warning``)."""
+    from .doctor import budget_warning, planned_steps
+
+    t = config.train
+    steps = planned_steps(t, num_images)
+    print(
+        f"budget    {steps} optimizer steps on one process ({t.epochs} epochs of {num_images} images, batch "
+        f"{t.batch_size} x {t.grad_accum_steps} accumulation)"
+    )
+    warning = budget_warning(config.model, t, steps)
+    if warning:
+        print(f"  warning {warning}")
 
 
 def _metrics_table(metrics: dict[str, float]) -> str:
@@ -638,7 +658,17 @@ def build_parser() -> argparse.ArgumentParser:
         default="detection",
         help="detection (Deformable DETR on shapes; the default) or panoptic (with a mask head: PQ, mask AP)",
     )
-    d.add_argument("--out", default=None, help="output folder (default: demo_run, or demo_run_panoptic)")
+    d.add_argument(
+        "--dataset",
+        choices=("shapes", "textured", "textured_hard"),
+        default="shapes",
+        help="detection data: shapes (3 flat-coloured classes, the default), textured (more classes, textured and "
+        "rotated, of more sizes, with occlusion and clutter; 128-px input, queries set to fit) or textured_hard "
+        "(10 classes, up to 10 objects from 7 px, busier backgrounds): detrkit/synthetic.py",
+    )
+    d.add_argument(
+        "--out", default=None, help="output folder (default: demo_run, demo_run_textured or demo_run_panoptic)"
+    )
     d.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides of the demo config")
     d.set_defaults(func=cmd_demo)
 

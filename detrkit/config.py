@@ -140,14 +140,17 @@ class ModelConfig:
     num_feature_levels: int = 4  # backbone stages at strides 8/16/32 (+ extra stride-64 levels up to this count)
     enc_points: int = 4  # sampling points per head and level in the encoder's deformable attention
     dec_points: int = 4  # ... and in the decoder's cross-attention
-    box_refine: bool = False  # iterative bounding-box refinement (a box head per decoder layer)
+    # iterative bounding-box refinement (a box head per decoder layer; also DETR and Conditional DETR, where each
+    # layer's query position and reference point come from the previous layer's box: models/single_scale.py)
+    box_refine: bool = False
     # encoder proposals become the decoder's reference boxes and query positions (also Conditional DETR's query
     # selection: its anchors)
     two_stage: bool = False
     # DINO's mixed query selection (two-stage only): proposals give the reference boxes and positions, the content
     # queries stay learned embeddings (the encoder's features are too coarse to be content).
     mixed_query_selection: bool = False
-    # DINO's look forward twice (box refinement only): a layer's box loss also trains the previous layer's box.
+    # DINO's look forward twice (box refinement only, all three): a layer's box loss also trains the previous
+    # layer's box.
     look_forward_twice: bool = False
     # -- YOLOS (arch "yolos", backbone "vit"): hidden_dim, num_heads, enc_layers (ViT depth), ffn_dim and
     # num_queries (detection tokens) come from the fields above.

@@ -6,7 +6,10 @@ seconds: missing, unreadable or too large files, sizes disagreeing with the JSON
 explains it), EXIF-rotated and 16-bit images. A file whose pixel data is truncated passes here and fails when it
 is read, naming the file.
 
-Layer: building blocks, beside ``data`` (which it builds on). Imports ``data``, ``images``, ``labels``,
+:func:`budget_warning` says when a run is unlikely to learn in its budget (``doctor`` with a config, and
+``train`` when it starts), from the measurements the README reports.
+
+Layer: building blocks, beside ``data`` (which it builds on). Imports ``config``, ``data``, ``images``, ``labels``,
 ``transforms``; matplotlib for the plot.
 """
 
@@ -19,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from detrkit.config import ModelConfig, TrainConfig
 from detrkit.data import (
     CocoDetection,
     CocoFormatError,
@@ -48,6 +52,20 @@ HIGH_BIT_DEPTH = "16-bit or 32-bit image (scaled to 8 bits when read)"
 TOO_MANY_OBJECTS = "more objects than num_queries"
 EMPTY_CATEGORY = "category without objects"
 NO_OBJECTS = "no training objects"
+
+# -- "unlikely to learn in its budget" (issue 18): the figures it quotes, all in one place ------------------------
+# Measured on the demo's data in the README ("Demo figures", table "The architectures side by side, same budget",
+# and "Faster convergence"): MEASURED_STEPS optimizer steps of batch 8, backbone from scratch, one seed each.
+# Update them here (and in the README's doctor section) when new measurements replace them.
+MEASURED_STEPS = 750
+# AP50 after MEASURED_STEPS of each architecture that stayed at the class prior there (no query selection).
+SLOW_FROM_SCRATCH_AP50 = {"detr": 0.053, "conditional_detr": 0.057, "yolos": 0.007}
+QUERY_SELECTION_AP50 = {"detr": 0.326, "conditional_detr": 0.377}  # the same with model.two_stage=true
+DEMO_PRESET_AP50 = 0.861  # Deformable DETR with box refinement (the demo preset), the same steps
+# A heuristic, not a measurement: nothing of these kinds has been measured to learn below this many times
+# MEASURED_STEPS, so a run with fewer steps is warned about. No run of them has been measured above it either.
+BUDGET_FACTOR = 4
+ARCH_NAMES = {"detr": "DETR", "conditional_detr": "Conditional DETR", "yolos": "YOLOS"}
 
 
 @dataclass
@@ -400,3 +418,48 @@ def _report(
                 )
     report.seconds = time.perf_counter() - start
     return report
+
+
+def planned_steps(train: TrainConfig, num_images: int, world_size: int = 1) -> int:
+    """Optimizer steps a run of ``train`` makes on ``num_images`` training images, counted as the engine does
+    (``engine.sampling.batches_per_epoch``: whole batches only, whole accumulation groups only, at most
+    ``max_steps_per_epoch`` updates per epoch)."""
+    batches = num_images // max(world_size, 1) // train.batch_size
+    if train.max_steps_per_epoch:
+        batches = min(batches, train.max_steps_per_epoch * train.grad_accum_steps)
+    return batches // train.grad_accum_steps * train.epochs
+
+
+def budget_warning(model: ModelConfig, train: TrainConfig, steps: int) -> str | None:
+    """Why a run of ``steps`` optimizer steps is unlikely to learn, or None.
+
+    The rule (README, "Check your data"): DETR, Conditional DETR without query selection (``model.two_stage``)
+    and YOLOS, with neither ``model.backbone_weights`` nor ``train.init_weights``, for fewer than
+    ``BUDGET_FACTOR`` × ``MEASURED_STEPS`` steps: at ``MEASURED_STEPS`` they reached AP50 0.05 or less on the
+    demo's data (``SLOW_FROM_SCRATCH_AP50``). Every figure in the message is one the README reports.
+    """
+    ap50 = SLOW_FROM_SCRATCH_AP50.get(model.arch)
+    if ap50 is None or model.two_stage or model.backbone_weights or train.init_weights:
+        return None
+    needed = BUDGET_FACTOR * MEASURED_STEPS
+    if steps >= needed:
+        return None
+    name = ARCH_NAMES[model.arch]
+    fixes = []
+    if model.arch in QUERY_SELECTION_AP50:
+        fixes.append(f"model.two_stage=true (query selection: AP50 {QUERY_SELECTION_AP50[model.arch]:.3f} there)")
+        fixes.append(f"Deformable DETR with box refinement (the demo preset: AP50 {DEMO_PRESET_AP50:.3f})")
+        fixes.append("pretrained weights (model.backbone_weights=IMAGENET1K_V1, or train.init_weights=...)")
+    else:
+        fixes.append("a pretrained DeiT backbone (model.backbone_weights: see the yolos presets)")
+        fixes.append(f"Deformable DETR with box refinement (the demo preset: AP50 {DEMO_PRESET_AP50:.3f} there)")
+    fixes.append(
+        f"at least {needed} steps ({BUDGET_FACTOR}x the measured {MEASURED_STEPS}, {needed / max(steps, 1):.1f}x "
+        "this run's: a rule of thumb, not a measurement)"
+    )
+    return (
+        f"unlikely to learn in {steps} optimizer steps: {name} from scratch (no model.backbone_weights, no "
+        f"train.init_weights{'' if model.arch == 'yolos' else ', no model.two_stage'}) reached AP50 {ap50:.3f} "
+        f"after {MEASURED_STEPS} steps of batch 8 on the demo's data (README, Demo figures). Consider: "
+        + "; ".join(fixes)
+    )

@@ -50,7 +50,13 @@ def test_every_architecture_has_a_tiny_config():
 @pytest.mark.parametrize("arch", sorted(set(architectures()) & set(ARCH_OVERRIDES)))
 def test_train_resume_evaluate_predict(arch, shapes, tmp_path):  # noqa: F811 - shapes is a fixture
     # a step schedule: the learning rate then does not depend on the number of epochs
-    extra = ["train.deterministic=true", "train.schedule=step", "train.epochs=2", *ARCH_OVERRIDES[arch]]
+    extra = [
+        "train.deterministic=true",
+        "train.schedule=step",
+        "train.epochs=2",
+        "train.max_steps_per_epoch=2",
+        *ARCH_OVERRIDES[arch],
+    ]
     metrics = Trainer(tiny_config(shapes, tmp_path / "a", *extra)).fit()
     assert set(metrics) == set(COCO_METRIC_KEYS)
 

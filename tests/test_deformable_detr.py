@@ -551,6 +551,8 @@ def test_training_smoke(tmp_path):
         "train.epochs=1",
         "train.batch_size=2",
         "train.log_every=1",
+        "train.report=false",  # report.html and query statistics are test_report.py's
+        "train.query_stats_images=0",
     ]
     config: RunConfig = load_run_config("demo", overrides)
     metrics = Trainer(config).fit()

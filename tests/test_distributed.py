@@ -9,10 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_engine import ROOT, tiny_overrides
+from test_engine import LISTENERS_ON, ROOT, tiny_overrides
 
 from detrkit.config import ModelConfig, RunConfig
 from detrkit.data import collate
@@ -57,18 +58,24 @@ def _step(model, samples):
     return losses
 
 
-def _worker(rank: int, port: int, out: str) -> None:
+def _worker(rank: int, out: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(MODEL).double()
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    losses = _step(ddp, [_samples()[rank]])
+    loss = losses["loss"].detach().clone()
+    dist.all_reduce(loss)
+    if rank == 0:
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        torch.save({"loss": loss / 2, "grads": grads}, out)
+
+
+def _workers(rank: int, port: int, outs: list[str]) -> None:
+    """Both tests' workers in one pair of processes (each spawned process imports torch and the tests again)."""
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
-        torch.manual_seed(0)
-        model = build_model(MODEL).double()
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
-        losses = _step(ddp, [_samples()[rank]])
-        loss = losses["loss"].detach().clone()
-        dist.all_reduce(loss)
-        if rank == 0:
-            grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-            torch.save({"loss": loss / 2, "grads": grads}, out)
+        _worker(rank, outs[0])
+        _step_worker(rank, outs[1])
     finally:
         dist.destroy_process_group()
 
@@ -79,15 +86,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_of_one_image_equal_one_process_of_two(tmp_path):
+@pytest.fixture(scope="module")
+def ddp_outputs(tmp_path_factory) -> list[Path]:
+    """What rank 0 saved: ``_worker``'s gradients, then ``_step_worker``'s update."""
+    outs = [tmp_path_factory.mktemp("ddp") / name for name in ("grads.pt", "step.pt")]
+    mp.spawn(_workers, args=(_free_port(), [str(p) for p in outs]), nprocs=2, join=True)
+    return outs
+
+
+def test_two_processes_of_one_image_equal_one_process_of_two(ddp_outputs):
     torch.manual_seed(0)
     model = build_model(MODEL).double()
     losses = _step(model, _samples())
     single = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
-    out = tmp_path / "ddp.pt"
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=2, join=True)
-    ddp = torch.load(out, weights_only=True)
+    ddp = torch.load(ddp_outputs[0], weights_only=True)
     assert torch.allclose(ddp["loss"], losses["loss"].detach(), atol=1e-5), (ddp["loss"], losses["loss"])
     assert ddp["grads"].keys() == single.keys()
     worst = max((ddp["grads"][n] - single[n]).abs().max().item() for n in single)
@@ -113,20 +126,16 @@ def _train_step(model, batches):
     return train_step(batches, model=model, criterion=criterion, optimizer=optimizer, scaler=scaler, clip_max_norm=0.1)
 
 
-def _step_worker(rank: int, port: int, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        torch.manual_seed(0)
-        model = build_model(MODEL).double()
-        mine = _equal_samples()[2 * rank : 2 * rank + 2]
-        result = _train_step(torch.nn.parallel.DistributedDataParallel(model), [collate(mine[:1]), collate(mine[1:])])
-        if rank == 0:
-            torch.save({"stepped": result.stepped, "grad_norm": result.grad_norm, "model": model.state_dict()}, out)
-    finally:
-        dist.destroy_process_group()
+def _step_worker(rank: int, out: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(MODEL).double()
+    mine = _equal_samples()[2 * rank : 2 * rank + 2]
+    result = _train_step(torch.nn.parallel.DistributedDataParallel(model), [collate(mine[:1]), collate(mine[1:])])
+    if rank == 0:
+        torch.save({"stepped": result.stepped, "grad_norm": result.grad_norm, "model": model.state_dict()}, out)
 
 
-def test_train_step_two_processes_accumulating_two_images_equal_one_process_of_four(tmp_path):
+def test_train_step_two_processes_accumulating_two_images_equal_one_process_of_four(ddp_outputs):
     """DDP with ``no_sync`` on the first micro-batch, the finite-loss agreement, clipping: the update of 2 processes
     × 2 micro-batches of 1 image is the update of one process on the 4 images at once."""
     torch.manual_seed(0)
@@ -134,9 +143,7 @@ def test_train_step_two_processes_accumulating_two_images_equal_one_process_of_f
     before = {k: v.clone() for k, v in model.state_dict().items()}
     single = _train_step(model, [collate(_equal_samples())])
 
-    out = tmp_path / "ddp.pt"
-    mp.spawn(_step_worker, args=(_free_port(), str(out)), nprocs=2, join=True)
-    ddp = torch.load(out, weights_only=True)
+    ddp = torch.load(ddp_outputs[1], weights_only=True)
     assert single.stepped and ddp["stepped"]
     assert abs(ddp["grad_norm"] - single.grad_norm) < 1e-5 * single.grad_norm
     moved = max((v - before[k]).abs().max().item() for k, v in model.state_dict().items())
@@ -158,7 +165,7 @@ def test_torchrun_trains_with_two_processes(tmp_path):
         "detrkit",
         "train",
         "demo",
-        *tiny_overrides(shapes, run, "train.epochs=1"),
+        *tiny_overrides(shapes, run, "train.epochs=1", *LISTENERS_ON),  # every listener, on rank 0 alone
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)

@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # A tiny DETR on the demo preset's data settings (the demo itself trains another architecture).
 TINY_MODEL = [
     "model.arch=detr",
+    "model.box_refine=false",  # the demo preset refines boxes (Deformable DETR); these tests train plain DETR
     "model.class_loss=softmax",
     "loss.cost_class=1",
     "loss.weight_ce=1",
@@ -48,6 +49,14 @@ def shapes(tmp_path_factory) -> dict[str, Path]:
     return generate_shapes_dataset(tmp_path_factory.mktemp("shapes"), num_train=8, num_val=4, min_side=48, max_side=64)
 
 
+# report.html and query_stats.json cost a tiny run more than its training: off unless a test is about them
+# (test_report.py) or about every listener (LISTENERS_ON).
+LISTENERS_ON = ("train.report=true", "train.query_stats_images=32")
+# No validation set: no evaluation, and none of the last evaluation's analysis plots (seconds of matplotlib), for
+# tests whose assertions do not involve evaluation.
+NO_EVAL = "data.val_annotations=null"
+
+
 def tiny_overrides(shapes: dict[str, Path], out: Path, *extra: str) -> list[str]:
     return [
         *(f"data.{k}={v}" for k, v in shapes.items()),
@@ -65,6 +74,8 @@ def tiny_overrides(shapes: dict[str, Path], out: Path, *extra: str) -> list[str]
         "train.lr=1e-3",
         "train.lr_backbone=1e-3",
         "train.log_every=1",
+        "train.report=false",
+        "train.query_stats_images=0",
         *extra,
     ]
 
@@ -122,11 +133,14 @@ def _wait_for_step(log: Path, step: int, proc: subprocess.Popen, timeout: float 
 
 
 def test_resume_after_sigkill_matches_uninterrupted_run(shapes, tmp_path):
-    extra = ("train.deterministic=true", "train.checkpoint_every_steps=1", "train.epochs=3")
+    # query statistics on: they draw nothing from the run's random stream, so resuming holds with them recording
+    extra = ("train.deterministic=true", "train.epochs=3", LISTENERS_ON[1], NO_EVAL)
+    # the uninterrupted run writes checkpoints at epoch ends only (134 MB each, weights and AdamW moments): writing
+    # them changes nothing in training, which this comparison would show too
     Trainer(tiny_config(shapes, tmp_path / "a", *extra)).fit()
 
     run_b = tmp_path / "b"
-    cmd = _cli("train", "demo", *tiny_overrides(shapes, run_b, *extra))
+    cmd = _cli("train", "demo", *tiny_overrides(shapes, run_b, *extra, "train.checkpoint_every_steps=1"))
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _wait_for_step(run_b / "log.jsonl", 6, proc)  # mid-epoch 2 (4 steps per epoch)
     proc.send_signal(signal.SIGKILL)
@@ -175,7 +189,7 @@ class _Poisoned(torch.nn.Module):
 
 
 def test_nonfinite_losses_are_skipped_then_stop_training(shapes, tmp_path):
-    trainer = Trainer(tiny_config(shapes, tmp_path / "a", "train.epochs=1"))
+    trainer = Trainer(tiny_config(shapes, tmp_path / "a", "train.epochs=1", NO_EVAL))
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     trainer.criterion = _Poisoned(trainer.criterion, {1})
     trainer.fit()
@@ -281,7 +295,10 @@ def test_trainer_changes_no_global_state_and_ignores_the_global_seed(shapes, tmp
     for i, caller_seed in enumerate((1, 2)):
         torch.manual_seed(caller_seed)
         before = _global_state()
-        trainer = Trainer(tiny_config(shapes, tmp_path / str(i), *extra))
+        # every listener in the first run (evaluation, the report, query statistics); the second compares weights
+        # without them
+        listeners = LISTENERS_ON if i == 0 else (NO_EVAL,)
+        trainer = Trainer(tiny_config(shapes, tmp_path / str(i), *extra, *listeners))
         trainer.fit()
         after = _global_state()
         assert torch.equal(before[0], after[0]) and before[1] == after[1] and np.array_equal(before[2], after[2])

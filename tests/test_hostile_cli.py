@@ -19,7 +19,7 @@ import pytest
 import torch
 from conftest import tiny_model
 from PIL import Image
-from test_engine import TINY_MODEL, shapes, tiny_config, tiny_overrides  # noqa: F401 - shapes is a fixture
+from test_engine import NO_EVAL, TINY_MODEL, shapes, tiny_config, tiny_overrides  # noqa: F401 - shapes is a fixture
 
 import detrkit
 from detrkit.cli import main
@@ -27,7 +27,7 @@ from detrkit.config import load_run_config
 from detrkit.engine import Trainer, TrainingDiverged, setup_run
 from detrkit.visualize import plot_curves
 
-SHORT = ("train.epochs=1", "train.max_steps_per_epoch=2")  # 2 steps: a run in a few seconds
+SHORT = ("train.epochs=1", "train.max_steps_per_epoch=2", NO_EVAL)  # 2 steps, no evaluation: a run in seconds
 
 
 @pytest.fixture(autouse=True)
@@ -176,9 +176,11 @@ def test_resume_auto_refuses_the_checkpoint_of_another_model(shapes, tmp_path): 
 
 def test_resume_with_a_changed_model_setting_is_announced(shapes, tmp_path, caplog):  # noqa: F811
     run = tmp_path / "run"
-    Trainer(tiny_config(shapes, run, "train.max_steps_per_epoch=2")).fit()  # 2 epochs
+    Trainer(tiny_config(shapes, run, "train.max_steps_per_epoch=2", NO_EVAL)).fit()  # 2 epochs
     with caplog.at_level(logging.WARNING, logger="detrkit"):
-        trainer = Trainer(tiny_config(shapes, run, "train.max_steps_per_epoch=2", "model.dropout=0.0"), resume="auto")
+        trainer = Trainer(
+            tiny_config(shapes, run, "train.max_steps_per_epoch=2", NO_EVAL, "model.dropout=0.0"), resume="auto"
+        )
     assert "changed model settings: model.dropout 0.1 there, 0.0 here" in caplog.text
     assert trainer.state.global_step == 4
 
@@ -186,7 +188,7 @@ def test_resume_with_a_changed_model_setting_is_announced(shapes, tmp_path, capl
 # -- interruptions: a resumed run logs each step once; stale temporary files are removed -------------------------
 def test_resume_from_an_older_checkpoint_logs_each_step_once(shapes, tmp_path, caplog):  # noqa: F811
     run = tmp_path / "run"
-    extra = ("train.epochs=1", "train.max_steps_per_epoch=4", "train.checkpoint_every_steps=2")
+    extra = ("train.epochs=1", "train.max_steps_per_epoch=4", "train.checkpoint_every_steps=2", NO_EVAL)
     Trainer(tiny_config(shapes, run, *extra)).fit()
     # as after a SIGKILL during step 4's checkpoint: the log is ahead of the latest checkpoint (step 2), the last
     # line is cut short, and the interrupted writes left their temporary files
@@ -300,7 +302,7 @@ def test_resume_fetches_no_backbone_weights(shapes, tmp_path, monkeypatch):  # n
     run = tmp_path / "run"
     Trainer(tiny_config(shapes, run, *SHORT, *IMAGENET)).fit()
     _offline(monkeypatch, tmp_path)  # the checkpoint replaces every weight: resuming offline works
-    trainer = Trainer(tiny_config(shapes, run, "train.max_steps_per_epoch=2", *IMAGENET), resume="auto")
+    trainer = Trainer(tiny_config(shapes, run, "train.max_steps_per_epoch=2", NO_EVAL, *IMAGENET), resume="auto")
     assert trainer.state.global_step == 2 and trainer.model.config.backbone_weights == "IMAGENET1K_V1"
     trainer.fit()
     assert logged_steps(run) == [1, 2, 3, 4]

@@ -103,7 +103,7 @@ def test_a_new_architecture_needs_only_its_own_files(toy, shapes, tmp_path, capl
         detrkit.build(arch="toy", options={"depth": 2})
     with caplog.at_level("WARNING", logger="detrkit"):
         assert detrkit.build(arch="toy", box_refine=True).config.box_refine is False
-    assert "arch 'toy' does not use box_refine=True (deformable_detr): reset" in caplog.text
+    assert "arch 'toy' does not use box_refine=True (conditional_detr/deformable_detr/detr): reset" in caplog.text
 
     # the engine: train, evaluate, export, with the architecture's own option set from the command line
     toy_run = ["model.arch=toy", "model.backbone=conv", "model.options.width=6", "model.aux_loss=false"]

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_engine import final_weights, shapes, tiny_config  # noqa: F401 - shapes is a fixture
+from test_engine import LISTENERS_ON, final_weights, shapes, tiny_config  # noqa: F401 - shapes is a fixture
 
 import detrkit
 from detrkit.cli import main
@@ -27,7 +27,7 @@ BROWSERS = ("chromium", "chromium-browser", "google-chrome", "chrome")
 @pytest.fixture(scope="module")
 def run(shapes, tmp_path_factory) -> Path:  # noqa: F811 - shapes is a fixture
     out = tmp_path_factory.mktemp("report") / "run"
-    Trainer(tiny_config(shapes, out, "train.epochs=2")).fit()  # report and query statistics are on by default
+    Trainer(tiny_config(shapes, out, "train.epochs=2", *LISTENERS_ON)).fit()  # the report and query statistics
     return out
 
 

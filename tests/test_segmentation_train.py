@@ -34,6 +34,7 @@ TINY = [
     "train.epochs=1",
     "train.warmup_steps=0",
     "train.log_every=1",
+    "train.report=false",  # report.html is test_report.py's
 ]
 
 
@@ -124,7 +125,9 @@ def test_unit_attention_scale_makes_masks_depend_on_the_query(arch):
     base |= {"ffn_dim": 64, "num_queries": 5, "num_classes": 3, "masks": True, "class_loss": "focal"}
     if arch == "deformable_detr":
         base |= {"num_feature_levels": 2, "enc_points": 2, "dec_points": 2}
-    x = torch.rand(1, 3, 64, 96)
+    # a seeded input: torch seeds its global generator at random in each process, and DETR's ratio below ranged
+    # 9.9-17 over 20 random inputs (7.3 once, in a failed run)
+    x = torch.rand(1, 3, 64, 96, generator=torch.Generator().manual_seed(0))
     spread = {}
     for scale in ("reference", "unit"):
         torch.manual_seed(0)

@@ -427,6 +427,8 @@ def _coco_mini_overrides(out: Path, *extra: str) -> list[str]:
         "train.lr=1e-3",
         "train.lr_backbone=1e-3",
         "train.log_every=1",
+        "train.report=false",  # report.html and query statistics are test_report.py's
+        "train.query_stats_images=0",
         *extra,
     ]
 

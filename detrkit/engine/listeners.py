@@ -5,7 +5,8 @@ the trainer is built. Files open in ``on_fit_start`` and close in ``on_close``, 
 
 - ``RunFolder``: before anything is written, removes a replaced run's outputs (``overwrite``) and the temporary
   files of writes a crash cut short.
-- ``ProgressLog``: the start line, and a bar (or a log line every ``train.log_every`` steps) per epoch.
+- ``ProgressLog``: the start line (and ``doctor.budget_warning``), and a bar (or a log line every
+  ``train.log_every`` steps) per epoch.
 - ``Evaluation``: COCO metrics on the val split, added to the epoch record; ``metrics.json``; ``best/``.
 - ``JsonlLog``: ``log.jsonl``, one JSON object per step and per epoch (each once: a resumed run first drops the
   records after its checkpoint).
@@ -21,7 +22,7 @@ the trainer is built. Files open in ``on_fit_start`` and close in ``on_close``, 
 Only rank 0 writes files; evaluation and signals run on every process.
 
 Layer: engine. Imports: ``report``, ``evaluation``, ``analysis``, ``visualize``, ``checkpoint``, ``config``, ``data``,
-``transforms``, ``models``, ``distributed`` (all below the engine) and ``state``; never ``loop`` (the
+``doctor``, ``transforms``, ``models``, ``distributed`` (all below the engine) and ``state``; never ``loop`` (the
 ``TrainerView`` protocol below says what a listener may use).
 """
 
@@ -43,6 +44,7 @@ from ..analysis import save_plots
 from ..checkpoint import atomic_write_text, save_pretrained
 from ..config import RunConfig
 from ..data import CocoDetection
+from ..doctor import budget_warning
 from ..evaluation import COCO_METRIC_KEYS, PANOPTIC_METRIC_KEYS, Progress, evaluate_model, write_metrics
 from ..models import Detector
 from .run_folder import run_outputs
@@ -189,6 +191,9 @@ class ProgressLog(Listener):
                 trainer.device,
                 dist.world_size(),
             )
+            steps = trainer.steps_per_epoch * trainer.config.train.epochs
+            if warning := budget_warning(trainer.model.config, trainer.config.train, steps):
+                log.warning("%s", warning)
 
     def on_epoch_start(self, trainer: TrainerView, epoch: int, steps: int) -> None:
         t = trainer.config.train

@@ -33,8 +33,11 @@ from .denoising import (
 from .layers import FFN, MLP, EncoderLayer, inverse_sigmoid
 from .registry import Architecture
 from .single_scale import (
+    REFINE_FIELDS,
+    REFINE_SHAPE_FIELDS,
     SINGLE_SCALE_FIELDS,
     SINGLE_SCALE_SHAPE_FIELDS,
+    BoxRefinement,
     EncodedImage,
     SingleScaleDetector,
     check_single_scale_config,
@@ -186,6 +189,7 @@ class ConditionalTransformer(nn.Module):
         attention_dropout: float,
         activation_dropout: float,
         temperature: float,
+        reference_head: bool = True,
     ) -> None:
         super().__init__()
         args = (dim, num_heads, ffn_dim, dropout, attention_dropout, activation_dropout)
@@ -193,7 +197,8 @@ class ConditionalTransformer(nn.Module):
         self.decoder = nn.ModuleList(ConditionalDecoderLayer(*args, first=i == 0) for i in range(dec_layers))
         self.decoder_norm = nn.LayerNorm(dim)
         self.query_scale = MLP(dim, dim, dim, 2)
-        self.ref_point_head = MLP(dim, dim, 2, 2)
+        # without it (query selection, box refinement) every reference point is given: an unused head would stall DDP
+        self.ref_point_head = MLP(dim, dim, 2, 2) if reference_head else None
         self.temperature = temperature
         for p in self.parameters():
             if p.dim() > 1:
@@ -226,23 +231,37 @@ class ConditionalTransformer(nn.Module):
         content: Tensor | None = None,
         reference: Tensor | None = None,
         self_attn_mask: Tensor | None = None,
+        refine: BoxRefinement | None = None,
     ) -> tuple[Tensor, Tensor]:
         """The decoder: ``memory (B,S,D)``, ``pos``, ``padding_mask``, ``query_embed`` as ``forward`` (or
         ``(B,Q,D)`` per image); optional ``content (B,Q,D)`` queries (zeros by default), ``reference (B,Q,2)``
-        points (predicted from the positions by default) and ``self_attn_mask (B,1,Q,Q)`` → every layer's
-        normalised output ``(L,B,Q,D)`` and the reference points ``(B,Q,2)``."""
+        points (predicted from the positions by default), ``self_attn_mask (B,1,Q,Q)`` and ``refine`` (box
+        refinement: each layer's query positions and reference points from its anchors, the first layer's
+        positions being ``query_embed``) → every layer's normalised output ``(L,B,Q,D)`` and the first layer's
+        reference points ``(B,Q,2)``."""
         b, d = memory.shape[0], memory.shape[2]
         query_pos = query_embed[None].expand(b, -1, -1) if query_embed.dim() == 2 else query_embed  # (B, Q, D)
-        if reference is None:
+        if refine is not None:
+            reference = refine.anchor[..., :2]
+        elif reference is None:
+            if self.ref_point_head is None:
+                raise ValueError("this decoder has no reference-point head: pass reference= or refine=")
             reference = self.ref_point_head(query_pos).sigmoid()  # (B, Q, 2)
+        first_reference = reference
         sine = sine_embed_points(reference, d // 2, temperature=self.temperature)  # (B, Q, D)
         tgt = torch.zeros_like(query_pos) if content is None else content
         hs = []
         for i, layer in enumerate(self.decoder):
+            if refine is not None and i > 0:
+                # the refined box's centre is this layer's reference point (DAB-DETR's conditional decoder)
+                query_pos = refine.position(i)  # (B, Q, D)
+                sine = sine_embed_points(refine.anchor[..., :2], d // 2, temperature=self.temperature)
             query_sine = sine if i == 0 else sine * self.query_scale(tgt)
             tgt = layer(tgt, query_pos, query_sine, memory, pos, padding_mask, self_attn_mask)
             hs.append(self.decoder_norm(tgt))
-        return torch.stack(hs), reference
+            if refine is not None:
+                refine.update(i, hs[-1])
+        return torch.stack(hs), first_reference
 
 
 class ConditionalDETR(SingleScaleDetector):
@@ -256,12 +275,17 @@ class ConditionalDETR(SingleScaleDetector):
     transformers' ``ConditionalDetrForSegmentation`` predicts its boxes without the reference points (its forward
     is DETR's); this model predicts them from the reference points with or without masks, as its detection model
     and the paper do.
+
+    Options: ``two_stage`` (query selection: anchor boxes from the encoder's proposals, their centres the
+    reference points) and ``box_refine`` (each layer refines the previous layer's box, whose centre is the next
+    layer's reference point and whose embedding its query position; learned anchors without ``two_stage``), in
+    ``single_scale.py``.
     """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
         c = config
-        if not c.two_stage:
+        if not c.two_stage and not c.box_refine:  # otherwise positions come from the queries' anchor boxes
             self.query_embed = nn.Embedding(c.num_queries, c.hidden_dim)
         self.transformer = ConditionalTransformer(
             dim=c.hidden_dim,
@@ -273,6 +297,7 @@ class ConditionalDETR(SingleScaleDetector):
             attention_dropout=c.attention_dropout,
             activation_dropout=c.activation_dropout,
             temperature=c.position_temperature,
+            reference_head=not (c.box_refine or c.two_stage),
         )
         self.add_heads()
         # boxes start at the reference point with the size sigmoid(0) = half the image, as the paper's code
@@ -281,6 +306,7 @@ class ConditionalDETR(SingleScaleDetector):
         self.add_mask_head()
         self.add_query_selection()
         self.add_training_queries()
+        self.add_box_refinement()
 
     def forward(
         self, pixel_values: Tensor, padding_mask: Tensor | None = None, targets: list[dict] | None = None
@@ -290,6 +316,8 @@ class ConditionalDETR(SingleScaleDetector):
         b, q = memory.shape[0], self.config.num_queries
         # training-only queries (denoising.py): never at inference, so evaluation and export see Q queries
         extra = extra_queries(self.denoising, self.config, targets, b, memory.device) if self.training else None
+        if self.config.box_refine:
+            return self._forward_refined(memory, enc, extra)
         if self.config.two_stage:
             return self._forward_selected(memory, enc, extra)
         if extra is None:
@@ -344,11 +372,28 @@ class ConditionalDETR(SingleScaleDetector):
             out["pred_masks"] = self.masks_output(hs[-1, :, :q], memory, enc)  # (B, Q, H/4, W/4)
         return out
 
+    def _forward_refined(self, memory: Tensor, enc: EncodedImage, extra: ExtraQueries | None) -> dict:
+        """``forward`` with box refinement (``box_refine``): each layer's reference points are its anchors'
+        centres and its query positions their embeddings, the anchors being the previous layer's boxes
+        (``BoxRefinement``)."""
+        sel = self.anchored_queries(memory, enc, extra)
+        refine = self.box_refinement(sel)
+        hs, _ = self.transformer.decode(
+            memory,
+            enc.pos,
+            enc.flat_mask,
+            sel.position,
+            content=sel.content,
+            self_attn_mask=sel.self_attn_mask,
+            refine=refine,
+        )  # (L, B, Qt, D)
+        return self.decoder_outputs(hs, refine.boxes(), extra, memory, enc, sel.enc_outputs)
+
 
 ARCHITECTURE = Architecture(
     name="conditional_detr",
     model=ConditionalDETR,
-    fields=(*SINGLE_SCALE_FIELDS, "two_stage", *QUERY_TRAINING_FIELDS),
-    shape_fields=(*SINGLE_SCALE_SHAPE_FIELDS, "two_stage"),
+    fields=(*SINGLE_SCALE_FIELDS, "two_stage", *REFINE_FIELDS, *QUERY_TRAINING_FIELDS),
+    shape_fields=(*SINGLE_SCALE_SHAPE_FIELDS, "two_stage", *REFINE_SHAPE_FIELDS),
     check=check_single_scale_config,
 )

@@ -23,8 +23,11 @@ from .denoising import (
 from .layers import FFN, Attention, EncoderLayer, inverse_sigmoid
 from .registry import Architecture
 from .single_scale import (
+    REFINE_FIELDS,
+    REFINE_SHAPE_FIELDS,
     SINGLE_SCALE_FIELDS,
     SINGLE_SCALE_SHAPE_FIELDS,
+    BoxRefinement,
     EncodedImage,
     SingleScaleDetector,
     check_single_scale_config,
@@ -123,19 +126,25 @@ class Transformer(nn.Module):
         *,
         content: Tensor | None = None,
         self_attn_mask: Tensor | None = None,
+        refine: BoxRefinement | None = None,
     ) -> Tensor:
         """The decoder: ``memory (B,S,D)``, ``pos (B,S,D)``, ``padding_mask (B,S)`` or None, ``query_embed (Q,D)``
-        (or ``(B,Q,D)`` per image), optional ``content (B,Q,D)`` queries (zeros by default) and ``self_attn_mask``
-        ``(B,1,Q,Q)`` → ``(L, B, Q, D)`` every layer's normalised output."""
+        (or ``(B,Q,D)`` per image), optional ``content (B,Q,D)`` queries (zeros by default), ``self_attn_mask``
+        ``(B,1,Q,Q)`` and ``refine`` (box refinement: each layer's query positions from its anchors, the first
+        layer's being ``query_embed``) → ``(L, B, Q, D)`` every layer's normalised output."""
         if query_embed.dim() == 2:
             query_embed = query_embed[None].expand(memory.shape[0], -1, -1)
         query_pos = query_embed  # (B, Q, D)
         # the decoder starts from zeros; queries enter as positions (paper, A.3); denoising queries bring content
         tgt = torch.zeros_like(query_pos) if content is None else content
         hs = []
-        for layer in self.decoder:
+        for i, layer in enumerate(self.decoder):
+            if refine is not None:
+                query_pos = refine.position(i)  # (B, Q, D)
             tgt = layer(tgt, query_pos, memory, pos, padding_mask, self_attn_mask)
             hs.append(self.decoder_norm(tgt))
+            if refine is not None:
+                refine.update(i, hs[-1])
         return torch.stack(hs)  # (L, B, Q, D)
 
 
@@ -147,12 +156,16 @@ class DETR(SingleScaleDetector):
     cy, w, h of the unpadded image) and ``aux_outputs``: one dict with the same keys per earlier decoder layer
     (when ``config.aux_loss``); with ``config.masks``, ``pred_masks (B,Q,ceil(H/4),ceil(W/4))``: mask logits of the
     padded input from the last layer's embeddings (``segmentation.py``).
+
+    Options: ``two_stage`` (query selection: anchors from the encoder's proposals, ``enc_outputs``) and
+    ``box_refine`` (each layer refines the previous layer's box, whose embedding is the next layer's query
+    position; learned anchors in place of ``query_embed`` without ``two_stage``), in ``single_scale.py``.
     """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
         c = config
-        if not c.two_stage:  # with query selection, positions come from the selected anchors
+        if not c.two_stage and not c.box_refine:  # otherwise positions come from the queries' anchor boxes
             self.query_embed = nn.Embedding(c.num_queries, c.hidden_dim)
         self.transformer = Transformer(
             dim=c.hidden_dim,
@@ -168,6 +181,7 @@ class DETR(SingleScaleDetector):
         self.add_mask_head()
         self.add_query_selection()
         self.add_training_queries()
+        self.add_box_refinement()
 
     def forward(
         self, pixel_values: Tensor, padding_mask: Tensor | None = None, targets: list[dict] | None = None
@@ -177,6 +191,8 @@ class DETR(SingleScaleDetector):
         b, q = memory.shape[0], self.config.num_queries
         # training-only queries (denoising.py): never at inference, so evaluation and export see Q queries
         extra = extra_queries(self.denoising, self.config, targets, b, memory.device) if self.training else None
+        if self.config.box_refine:
+            return self._forward_refined(memory, enc, extra)
         if self.config.two_stage:
             return self._forward_selected(memory, enc, extra)
         if extra is None:
@@ -214,11 +230,27 @@ class DETR(SingleScaleDetector):
             out["pred_masks"] = self.masks_output(hs[-1, :, :q], memory, enc)  # (B, Q, H/4, W/4)
         return out
 
+    def _forward_refined(self, memory: Tensor, enc: EncodedImage, extra: ExtraQueries | None) -> dict:
+        """``forward`` with box refinement (``box_refine``): each layer's query positions are the embeddings of
+        its anchors, the previous layer's boxes (``BoxRefinement``)."""
+        sel = self.anchored_queries(memory, enc, extra)
+        refine = self.box_refinement(sel)
+        hs = self.transformer.decode(
+            memory,
+            enc.pos,
+            enc.flat_mask,
+            sel.position,
+            content=sel.content,
+            self_attn_mask=sel.self_attn_mask,
+            refine=refine,
+        )  # (L, B, Qt, D)
+        return self.decoder_outputs(hs, refine.boxes(), extra, memory, enc, sel.enc_outputs)
+
 
 ARCHITECTURE = Architecture(
     name="detr",
     model=DETR,
-    fields=(*SINGLE_SCALE_FIELDS, "two_stage", *QUERY_TRAINING_FIELDS),
-    shape_fields=(*SINGLE_SCALE_SHAPE_FIELDS, "two_stage"),
+    fields=(*SINGLE_SCALE_FIELDS, "two_stage", *REFINE_FIELDS, *QUERY_TRAINING_FIELDS),
+    shape_fields=(*SINGLE_SCALE_SHAPE_FIELDS, "two_stage", *REFINE_SHAPE_FIELDS),
     check=check_single_scale_config,
 )

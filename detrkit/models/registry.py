@@ -79,7 +79,7 @@ class Architecture:
         model: the ``Detector`` subclass, built as ``model(config)``.
         fields: the ``ModelConfig`` fields this architecture reads beyond ``COMMON_FIELDS``. A field that another
             architecture declares and this one does not is reset to its default, with a warning
-            (``check_config``): a ``model.box_refine=true`` on DETR is never silently kept.
+            (``check_config``): a ``model.num_feature_levels=2`` on DETR is never silently kept.
         shape_fields: fields beyond ``COMMON_SHAPE_FIELDS`` that decide the weights (state-dict keys and shapes,
             or what the weights mean, such as DC5 dilation): when fine-tuning they come from the weights. Options
             that do are named ``"options.<name>"``.
@@ -149,9 +149,9 @@ def check_config(config: ModelConfig) -> ModelConfig:
     """Validate ``config`` against its architecture's declaration; returns it with the fields of other
     architectures back at their defaults.
 
-    A field that belongs to other architectures only (``box_refine`` on a DETR, as when a Deformable DETR preset is
-    trained with ``model.arch=detr``) means nothing to this one: it is reset, with a warning naming it, so that
-    the saved ``config.json`` says what the model is.
+    A field that belongs to other architectures only (``num_feature_levels`` on DETR, as when a Deformable DETR
+    preset is trained with ``model.arch=detr``) means nothing to this one: it is reset, with a warning naming it, so
+    that the saved ``config.json`` says what the model is.
     """
     arch = architecture(config.arch)
     defaults, own = ModelConfig(), set(arch.fields) | COMMON_FIELDS
