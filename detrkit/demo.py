@@ -308,7 +308,7 @@ def generate_panoptic_shapes(
 
 # What ``detrkit demo --dataset NAME`` trains on: the generator, the overrides of the demo preset that fit the data
 # (given before the user's, which win) and the summary's description. The textured images are 128-160 px a side
-# (synthetic.py): a 128-px input, 3x the most objects of an image as queries (what `doctor` suggests), and twice the
+# (synthetic.py): a 128-px input, 3x the most objects of an image as queries (what `doctor` suggests), and 2.5x the
 # shapes demo's steps: six classes of textured shapes are told apart later (README, "A second dataset").
 def _textured(spec: TexturedSpec, epochs: int) -> tuple:
     overrides = ["data.train_scales=[128]", "data.train_max_size=160", "data.eval_size=128", "data.eval_max_size=160"]
@@ -322,7 +322,7 @@ def _textured(spec: TexturedSpec, epochs: int) -> tuple:
 
 DEMO_DATASETS = {
     "shapes": (generate_shapes_dataset, [], "synthetic shapes (circle, square, triangle)"),
-    "textured": _textured(TexturedSpec(), epochs=4),
+    "textured": _textured(TexturedSpec(), epochs=5),
     "textured_hard": _textured(HARD, epochs=2),
 }
 
