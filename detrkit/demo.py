@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .synthetic import HARD, TexturedSpec, generate_textured_dataset
+from .synthetic import HARD, TexturedSpec, dataset_paths, generate_textured_dataset, is_complete
 
 log = logging.getLogger("detrkit")
 
@@ -87,11 +87,6 @@ def _place_shapes(rng: np.random.Generator, w: int, h: int) -> list[Shape]:
     return placed
 
 
-def _is_complete(stamp: Path, params: dict, paths: dict[str, Path]) -> bool:
-    """Whether a dataset generated with ``params`` (recorded in ``stamp``) is already there in full."""
-    return stamp.is_file() and json.loads(stamp.read_text()) == params and all(p.exists() for p in paths.values())
-
-
 def generate_shapes_dataset(
     root: str | Path,
     *,
@@ -118,14 +113,9 @@ def generate_shapes_dataset(
         "max_side": max_side,
         "seed": seed,
     }
-    paths = {
-        "train_images": root / "train",
-        "train_annotations": root / "annotations" / "train.json",
-        "val_images": root / "val",
-        "val_annotations": root / "annotations" / "val.json",
-    }
+    paths = dataset_paths(root)
     stamp = root / "params.json"
-    if _is_complete(stamp, params, paths):
+    if is_complete(stamp, params, paths):
         return paths
     rng = np.random.default_rng(seed)
     categories = [{"id": cid, "name": name, "supercategory": "shape"} for cid, name in SHAPES.items()]
@@ -259,7 +249,7 @@ def generate_panoptic_shapes(
         paths[f"{split}_panoptic_pngs"] = root / "annotations" / f"panoptic_{split}"
         paths[f"{split}_instances"] = root / "annotations" / f"instances_{split}.json"
     stamp = root / "params.json"
-    if _is_complete(stamp, params, paths):
+    if is_complete(stamp, params, paths):
         return paths
     rng = np.random.default_rng(seed)
     categories = [

@@ -439,6 +439,21 @@ def render_image(
 
 
 # -- the dataset ----------------------------------------------------------------------------------------------------
+def dataset_paths(root: Path) -> dict[str, Path]:
+    """The COCO layout every generated dataset uses under ``root``, as the config's ``data.*`` keys."""
+    return {
+        "train_images": root / "train",
+        "train_annotations": root / "annotations" / "train.json",
+        "val_images": root / "val",
+        "val_annotations": root / "annotations" / "val.json",
+    }
+
+
+def is_complete(stamp: Path, params: dict, paths: dict[str, Path]) -> bool:
+    """Whether a dataset generated with ``params`` (recorded in ``stamp``) is already there in full."""
+    return stamp.is_file() and json.loads(stamp.read_text()) == params and all(p.exists() for p in paths.values())
+
+
 def generate_textured_dataset(
     root: str | Path,
     *,
@@ -476,14 +491,9 @@ def generate_textured_dataset(
         "spec": {**asdict(spec), "classes": list(spec.classes)},
         "seed": seed,
     }
-    paths = {
-        "train_images": root / "train",
-        "train_annotations": root / "annotations" / "train.json",
-        "val_images": root / "val",
-        "val_annotations": root / "annotations" / "val.json",
-    }
+    paths = dataset_paths(root)
     stamp = root / "params.json"
-    if stamp.is_file() and json.loads(stamp.read_text()) == params and all(p.exists() for p in paths.values()):
+    if is_complete(stamp, params, paths):
         return paths
     stamp.unlink(missing_ok=True)  # a run cut short must not leave a stamp beside half a dataset
     rng = np.random.default_rng(seed)
