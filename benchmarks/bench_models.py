@@ -12,8 +12,9 @@ float32, ``torch.set_num_threads(--threads)``.
   trainable on both sides (the papers' recipe), every ViT weight for YOLOS.
 - ``--memory``: peak RSS of each contender alone, each in its own process (inference at 800×1216, training step).
 - ``--bf16``: detrkit against itself, float32 and bfloat16 autocast (``optimize_for_inference(bf16=True)``, the
-  path of ``predict|eval --bf16``; ``train.amp=bf16`` for the training step), each line naming the CPU and whether
-  it has native bf16 (without it bf16 is emulated and slower: the figure says so rather than hiding it).
+  path of ``predict|eval --bf16``; ``train.amp=bf16`` for the training step), with transformers' float32 timed in
+  the same alternation, each line naming the CPU and whether it has native bf16 (without it bf16 is emulated and
+  slower: the figure says so rather than hiding it).
 
     .venv/bin/python benchmarks/bench_models.py [--arch detr conditional_detr deformable_detr yolos] [--runs 5]
         [--threads 2] [--skip-train] [--skip-inference] [--memory] [--bf16]
@@ -34,7 +35,6 @@ import time
 from collections.abc import Callable
 
 import torch
-import transformers
 
 import detrkit
 from detrkit.config import LossConfig, RunConfig
@@ -49,6 +49,8 @@ VARIANTS = {"detr_panoptic": "detr"}
 
 def hf_model(arch: str) -> torch.nn.Module:
     """The transformers model of ``arch`` at its published size (91 COCO labels), random weights."""
+    import transformers  # here, not at the top: the memory children of detrkit must not pay for its import
+
     torch.manual_seed(0)
     if arch == "detr":
         return transformers.DetrForObjectDetection(transformers.DetrConfig(use_timm_backbone=False, num_labels=91))
@@ -125,51 +127,67 @@ def bench_inference(arch: str, runs: int) -> None:
         )
 
 
+def _models(arch: str, keep: str, weights: str | None) -> tuple[torch.nn.Module | None, torch.nn.Module | None]:
+    """(transformers, detrkit) models of ``arch``. With ``weights`` (a folder the parent saved the transformers
+    model to) only the ``keep`` contender is built, the other is None: a memory child then holds one library's
+    model and imports, as a user's process would (detrkit never imports transformers)."""
+    if weights is None:
+        return _load_pair(arch)
+    if keep == "detrkit":
+        return None, detrkit.load(weights).eval()
+    return hf_model(arch).eval(), None  # the same seeded initialisation the parent saved
+
+
 def _training_setup(
-    arch: str, keep: str = "both", *, bf16: bool = False
+    arch: str, keep: str = "both", *, bf16: bool = False, weights: str | None = None
 ) -> tuple[Callable[[], None], Callable[[], None]]:
     """Training steps of both contenders; ``keep="detrkit"``/``"transformers"`` builds only that one's (the other
-    step is a no-op), for memory measurements. ``bf16``: detrkit's forward and loss under bfloat16 autocast, as
-    the engine runs them with ``train.amp=bf16``."""
-    hf, ours = _load_pair(arch)
+    step is a no-op), for memory measurements (``weights``: see :func:`_models`). ``bf16``: detrkit's forward and
+    loss under bfloat16 autocast, as the engine runs them with ``train.amp=bf16``."""
+    hf, ours = _models(arch, keep, weights)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 512, 512, generator=g)
     boxes = [torch.rand(5, 4, generator=g) * 0.4 + 0.3 for _ in range(2)]
     labels = [torch.randint(0, 91, (5,), generator=g) for _ in range(2)]
-    ours.train()
-    hf.train()
-    if arch == "yolos":
-        for p in hf.parameters():
-            p.requires_grad_(True)
-    else:
-        # transformers' freezing looks for parameter names its own ResNet does not use, so its whole CNN ends up
-        # frozen; train stages 2-4 on both sides, as the papers' recipes do.
-        for name, p in hf.model.backbone.named_parameters():
-            p.requires_grad_(any(f"encoder.stages.{i}." in name for i in (1, 2, 3)))
-    n_ours = sum(p.numel() for p in ours.parameters() if p.requires_grad)
-    n_hf = sum(p.numel() for p in hf.parameters() if p.requires_grad)
-    assert n_ours == n_hf, (n_ours, n_hf)
-    loss = LossConfig() if not ours.config.focal else LossConfig(cost_class=2.0, weight_ce=2.0)
-    criterion = build_criterion(RunConfig(model=ours.config, loss=loss), ours.config.num_classes)
-    # fused AdamW on both sides: detrkit's engine and transformers' Trainer (torch >= 2.8) both default to it
-    opt_ours = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-4, fused=True)
-    opt_hf = torch.optim.AdamW([p for p in hf.parameters() if p.requires_grad], lr=1e-4, fused=True)
-    hf_labels = [{"class_labels": c, "boxes": b} for c, b in zip(labels, boxes, strict=True)]
-    our_targets = [{"labels": c, "boxes": b} for c, b in zip(labels, boxes, strict=True)]
+    step_ours = step_hf = lambda: None  # noqa: E731
+    if hf is not None:
+        hf.train()
+        if arch == "yolos":
+            for p in hf.parameters():
+                p.requires_grad_(True)
+        else:
+            # transformers' freezing looks for parameter names its own ResNet does not use, so its whole CNN ends
+            # up frozen; train stages 2-4 on both sides, as the papers' recipes do.
+            for name, p in hf.model.backbone.named_parameters():
+                p.requires_grad_(any(f"encoder.stages.{i}." in name for i in (1, 2, 3)))
+        # fused AdamW on both sides: detrkit's engine and transformers' Trainer (torch >= 2.8) both default to it
+        opt_hf = torch.optim.AdamW([p for p in hf.parameters() if p.requires_grad], lr=1e-4, fused=True)
+        hf_labels = [{"class_labels": c, "boxes": b} for c, b in zip(labels, boxes, strict=True)]
 
-    def step_ours() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
-            value = criterion(ours(x), our_targets)["loss"]
-        opt_ours.zero_grad()
-        value.backward()
-        opt_ours.step()
+        def step_hf() -> None:
+            value = hf(pixel_values=x, labels=hf_labels).loss
+            opt_hf.zero_grad()
+            value.backward()
+            opt_hf.step()
 
-    def step_hf() -> None:
-        value = hf(pixel_values=x, labels=hf_labels).loss
-        opt_hf.zero_grad()
-        value.backward()
-        opt_hf.step()
+    if ours is not None:
+        ours.train()
+        loss = LossConfig() if not ours.config.focal else LossConfig(cost_class=2.0, weight_ce=2.0)
+        criterion = build_criterion(RunConfig(model=ours.config, loss=loss), ours.config.num_classes)
+        opt_ours = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-4, fused=True)
+        our_targets = [{"labels": c, "boxes": b} for c, b in zip(labels, boxes, strict=True)]
 
+        def step_ours() -> None:
+            with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+                value = criterion(ours(x), our_targets)["loss"]
+            opt_ours.zero_grad()
+            value.backward()
+            opt_ours.step()
+
+    if hf is not None and ours is not None:
+        n_ours = sum(p.numel() for p in ours.parameters() if p.requires_grad)
+        n_hf = sum(p.numel() for p in hf.parameters() if p.requires_grad)
+        assert n_ours == n_hf, (n_ours, n_hf)
     if keep == "detrkit":  # the other closure, and with it the other model, is freed on return
         return step_ours, lambda: None
     if keep == "transformers":
@@ -178,11 +196,12 @@ def _training_setup(
 
 
 def bench_bf16(arch: str, runs: int, *, train: bool) -> None:
-    """detrkit float32 against detrkit bfloat16 autocast: inference at 800×1216 and, with ``train``, the training
-    step of ``bench_training``."""
+    """detrkit float32 against detrkit bfloat16 autocast, with transformers' float32 timed in the same alternation
+    (the issue's targets compare against it): inference at 800×1216 and, with ``train``, the training step of
+    ``bench_training``."""
     native, detail = cpu_bf16()
     cpu = f"{detail}, {'native' if native else 'emulated'} bf16"
-    _, ours = _load_pair(arch)
+    hf, ours = _load_pair(arch)
     fp32 = copy.deepcopy(ours).optimize_for_inference()
     bf16 = ours.optimize_for_inference(bf16=True)
     x = torch.randn(1, 3, 800, 1216)
@@ -191,28 +210,38 @@ def bench_bf16(arch: str, runs: int, *, train: bool) -> None:
         diff = fp32._inference_forward(x, mask)["pred_logits"] - bf16._inference_forward(x, mask)["pred_logits"]
         diff = diff.abs().max().item()
 
-    def infer(model: torch.nn.Module) -> Callable[[], None]:
+    def infer(fn: Callable[[], object]) -> Callable[[], None]:
         def timed() -> None:
             with torch.inference_mode():
-                model._inference_forward(x, mask)
+                fn()
 
         return timed
 
-    t = _median_times({"float32": infer(fp32), "bf16": infer(bf16)}, runs)
+    t = _median_times(
+        {
+            "float32": infer(lambda m=fp32: m._inference_forward(x, mask)),
+            "bf16": infer(lambda m=bf16: m._inference_forward(x, mask)),
+            "transformers": infer(lambda m=hf: m(pixel_values=x)),
+        },
+        runs,
+    )
     print(
         f"{arch} inference 800x1216 batch=1 bf16 autocast: float32 {t['float32'] * 1e3:.0f} ms, bf16 "
-        f"{t['bf16'] * 1e3:.0f} ms, ratio {t['bf16'] / t['float32']:.2f} (max |logit diff| {diff:.1e}; {cpu})",
+        f"{t['bf16'] * 1e3:.0f} ms, ratio {t['bf16'] / t['float32']:.2f}; transformers float32 "
+        f"{t['transformers'] * 1e3:.0f} ms, bf16 / transformers {t['bf16'] / t['transformers']:.2f} "
+        f"(max |logit diff| {diff:.1e}; {cpu})",
         flush=True,
     )
-    del fp32, bf16
+    del fp32, bf16, hf
     if not train:
         return
     step_fp32, _ = _training_setup(arch, keep="detrkit")
-    step_bf16, _ = _training_setup(arch, keep="detrkit", bf16=True)
-    t = _median_times({"float32": step_fp32, "bf16": step_bf16}, runs)
+    step_bf16, step_hf = _training_setup(arch, bf16=True)
+    t = _median_times({"float32": step_fp32, "bf16": step_bf16, "transformers": step_hf}, runs)
     print(
         f"{arch} train step 512x512 batch=2 bf16 autocast: float32 {t['float32']:.2f} s, bf16 {t['bf16']:.2f} s, "
-        f"ratio {t['bf16'] / t['float32']:.2f} ({cpu})",
+        f"ratio {t['bf16'] / t['float32']:.2f}; transformers float32 {t['transformers']:.2f} s, "
+        f"bf16 / transformers {t['bf16'] / t['transformers']:.2f} ({cpu})",
         flush=True,
     )
 
@@ -236,11 +265,12 @@ def _peak_rss_mib() -> float:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-def _peak_rss_child(arch: str, contender: str, task: str) -> None:
-    """Run one contender twice and print its peak RSS in MiB as JSON; the other model is dropped first and the
-    high-water mark reset (``/proc/self/clear_refs``), so the figure is one model's process."""
+def _peak_rss_child(arch: str, contender: str, task: str, weights: str) -> None:
+    """Run one contender twice and print its peak RSS in MiB as JSON. Only that contender's library is imported
+    and only its model built (detrkit loads ``weights``, the folder the parent saved transformers' model to); the
+    high-water mark is reset (``/proc/self/clear_refs``) before the two runs."""
     if task == "inference":
-        hf, ours = _load_pair(arch)
+        hf, ours = _models(arch, contender, weights)
         model = {"transformers": hf, "detrkit": ours}[contender]
         del hf, ours
         x = torch.randn(1, 3, 800, 1216)
@@ -250,7 +280,7 @@ def _peak_rss_child(arch: str, contender: str, task: str) -> None:
                 model(pixel_values=x) if contender == "transformers" else model(x)
 
     else:
-        step_ours, step_hf = _training_setup(arch, keep=contender)
+        step_ours, step_hf = _training_setup(arch, keep=contender, weights=weights)
         step = step_ours if contender == "detrkit" else step_hf
         del step_ours, step_hf
     gc.collect()
@@ -262,22 +292,20 @@ def _peak_rss_child(arch: str, contender: str, task: str) -> None:
 
 
 def bench_memory(arch: str, threads: int) -> None:
-    for task in ("inference", "train"):
-        peaks = {}
-        for contender in ("detrkit", "transformers"):
-            out = subprocess.run(
-                [sys.executable, __file__, "--child", arch, contender, task, "--threads", str(threads)],
-                capture_output=True,
-                text=True,
-                check=True,
-            ).stdout
-            peaks[contender] = json.loads(out.strip().splitlines()[-1])["peak_rss_mib"]
-        what = "inference 800x1216 batch=1" if task == "inference" else "train step 512x512 batch=2"
-        print(
-            f"{arch} peak RSS {what}: detrkit {peaks['detrkit']:.0f} MiB, "
-            f"transformers {peaks['transformers']:.0f} MiB, ratio {peaks['detrkit'] / peaks['transformers']:.2f}",
-            flush=True,
-        )
+    with tempfile.TemporaryDirectory() as weights:
+        hf_model(arch).save_pretrained(weights)
+        for task in ("inference", "train"):
+            peaks = {}
+            for contender in ("detrkit", "transformers"):
+                cmd = [sys.executable, __file__, "--child", arch, contender, task, weights, "--threads", str(threads)]
+                out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+                peaks[contender] = json.loads(out.strip().splitlines()[-1])["peak_rss_mib"]
+            what = "inference 800x1216 batch=1" if task == "inference" else "train step 512x512 batch=2"
+            print(
+                f"{arch} peak RSS {what}: detrkit {peaks['detrkit']:.0f} MiB, "
+                f"transformers {peaks['transformers']:.0f} MiB, ratio {peaks['detrkit'] / peaks['transformers']:.2f}",
+                flush=True,
+            )
 
 
 def main() -> None:
@@ -289,7 +317,7 @@ def main() -> None:
     parser.add_argument("--skip-inference", action="store_true", help="time the training step only")
     parser.add_argument("--memory", action="store_true", help="also measure peak RSS, one process per contender")
     parser.add_argument("--bf16", action="store_true", help="also detrkit float32 against bf16 autocast")
-    parser.add_argument("--child", nargs=3, metavar=("ARCH", "CONTENDER", "TASK"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=4, metavar=("ARCH", "CONTENDER", "TASK", "WEIGHTS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.child:

@@ -205,8 +205,19 @@ def test_budget_warning_when_and_only_when_the_readme_says_so():
     assert "AP50 0.053 after 750 steps" in text and "model.two_stage=true" in text and "3000" in text
     assert doctor.budget_warning(c.model, c.train, 2999) is not None
     assert doctor.budget_warning(c.model, c.train, 3000) is None  # enough steps
+    # query selection: a softer warning, below the shortest schedule measured to reach AP50 0.6
+    c = _config("model.two_stage=true")
+    text = doctor.budget_warning(c.model, c.train, 750)
+    assert text.startswith("short schedule for DETR from scratch with query selection: 750 optimizer steps")
+    assert "AP50 0.326 with a 750-step schedule and 0.638 with a 1750-step one" in text
+    assert doctor.budget_warning(c.model, c.train, 1749) is not None
+    assert doctor.budget_warning(c.model, c.train, 1750) is None
+    c = _config("model.two_stage=true", "model.arch=conditional_detr")
+    assert doctor.budget_warning(c.model, c.train, 1249).startswith("short schedule for Conditional DETR")
+    assert doctor.budget_warning(c.model, c.train, 1250) is None
+    c = _config("model.two_stage=true", "model.backbone_weights=IMAGENET1K_V1")
+    assert doctor.budget_warning(c.model, c.train, 100) is None
     for overrides in (
-        ["model.two_stage=true"],  # query selection
         ["model.backbone_weights=IMAGENET1K_V1"],
         ["train.init_weights=some/folder"],
         ["model.arch=deformable_detr"],  # the demo preset itself
@@ -226,6 +237,7 @@ def test_budget_figures_are_the_readmes():
     figures = [
         *doctor.SLOW_FROM_SCRATCH_AP50.values(),
         *doctor.QUERY_SELECTION_AP50.values(),
+        *(ap50 for _, ap50 in doctor.QUERY_SELECTION_GOAL.values()),
         doctor.DEMO_PRESET_AP50,
     ]
     for ap50 in figures:
@@ -258,7 +270,8 @@ def test_doctor_and_train_print_the_warning(tmp_path, capsys, monkeypatch):
     assert "budget    4 optimizer steps on one process (2 epochs of 16 images, batch 8 x 1 accumulation)" in out
     assert "  warning unlikely to learn in 4 optimizer steps: DETR from scratch" in out
     assert main([*args, "model.two_stage=true"]) == 0
-    assert "unlikely to learn" not in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "unlikely to learn" not in out and "  warning short schedule for DETR from scratch" in out
     steps = math.ceil(doctor.BUDGET_FACTOR * doctor.MEASURED_STEPS / 2)  # 2 steps per epoch
     assert main([*args, f"train.epochs={steps}"]) == 0
     assert "unlikely to learn" not in capsys.readouterr().out
@@ -284,7 +297,7 @@ def test_doctor_and_train_print_the_warning(tmp_path, capsys, monkeypatch):
     warnings = [r.getMessage() for r in records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and warnings[0].startswith("unlikely to learn in 4 optimizer steps")
     records.clear()
-    trainer.config = _config("model.two_stage=true")
+    trainer.config = _config("model.two_stage=true", "model.backbone_weights=IMAGENET1K_V1")
     trainer.model.config = trainer.config.model
     ProgressLog().on_fit_start(trainer)
     assert not [r for r in records if r.levelno == logging.WARNING]

@@ -161,3 +161,21 @@ def test_train_step_writes_no_file_and_logs_nothing(tmp_path, monkeypatch, caplo
     assert writes == []
     assert list(tmp_path.iterdir()) == []
     assert not caplog.records
+
+
+def test_bf16_training_warns_where_the_cpu_emulates_it(monkeypatch):
+    """``train.amp=bf16`` on a CPU without native bf16 runs, slower than float32: the engine says so."""
+    import warnings
+
+    from detrkit.config import TrainConfig
+    from detrkit.engine.builders import build_scaler
+    from detrkit.models import base
+
+    monkeypatch.setattr(base, "cpu_bf16", lambda: (False, "Test CPU (avx2; bf16 flags: none)"))
+    with pytest.warns(UserWarning, match="Test CPU .* is emulated"):
+        build_scaler(TrainConfig(amp="bf16"), torch.device("cpu"))
+    monkeypatch.setattr(base, "cpu_bf16", lambda: (True, "Test CPU (avx512; bf16 flags: avx512_bf16)"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not build_scaler(TrainConfig(amp="bf16"), torch.device("cpu")).is_enabled()
+        build_scaler(TrainConfig(amp="none"), torch.device("cpu"))

@@ -23,6 +23,7 @@ from ..data import CocoDetection
 from ..doctor import check_loaded_dataset
 from ..matcher import HungarianMatcher
 from ..models import Detector
+from ..models.base import check_half_precision
 from ..panoptic_data import CocoPanoptic
 from ..transforms import eval_transforms, train_transforms
 from .schedule import param_groups
@@ -159,6 +160,8 @@ def build_scaler(train: TrainConfig, device: torch.device) -> torch.amp.GradScal
     """fp16 loss scaling on CUDA; a disabled scaler (a no-op) otherwise."""
     if train.amp == "fp16" and device.type != "cuda":
         raise ValueError("train.amp=fp16 needs a CUDA device; use train.amp=bf16 on the CPU")
+    if train.amp == "bf16":  # refused where the GPU lacks it, a warning where the CPU emulates it
+        check_half_precision(torch.bfloat16, device, autocast=True)
     return torch.amp.GradScaler(device.type, enabled=train.amp == "fp16" and device.type == "cuda")
 
 
