@@ -91,6 +91,16 @@ def _median_times(fns: dict[str, Callable[[], None]], runs: int) -> dict[str, fl
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def _no_grad(fn: Callable[[], object]) -> Callable[[], None]:
+    """``fn`` under ``torch.inference_mode()``, as the inference timings call it."""
+
+    def timed() -> None:
+        with torch.inference_mode():
+            fn()
+
+    return timed
+
+
 def _load_pair(arch: str) -> tuple[torch.nn.Module, torch.nn.Module]:
     hf = hf_model(arch).eval()
     with tempfile.TemporaryDirectory() as tmp:
@@ -109,15 +119,12 @@ def bench_inference(arch: str, runs: int) -> None:
             if "pred_masks" in out:  # the segmentation model: its masks too
                 diff = max(diff, (ref.pred_masks - out["pred_masks"]).abs().max().item())
 
-        def run(fn: Callable[[], object]) -> Callable[[], None]:
-            def timed() -> None:
-                with torch.inference_mode():
-                    fn()
-
-            return timed
-
         t = _median_times(
-            {"detrkit": run(lambda x=x: ours(x)), "transformers": run(lambda x=x: hf(pixel_values=x))}, runs
+            {
+                "detrkit": _no_grad(lambda x=x: ours(x)),
+                "transformers": _no_grad(lambda x=x: hf(pixel_values=x)),
+            },
+            runs,
         )
         print(
             f"{arch} inference {h}x{w} batch=1: detrkit {t['detrkit'] * 1e3:.0f} ms, "
@@ -210,18 +217,11 @@ def bench_bf16(arch: str, runs: int, *, train: bool) -> None:
         diff = fp32._inference_forward(x, mask)["pred_logits"] - bf16._inference_forward(x, mask)["pred_logits"]
         diff = diff.abs().max().item()
 
-    def infer(fn: Callable[[], object]) -> Callable[[], None]:
-        def timed() -> None:
-            with torch.inference_mode():
-                fn()
-
-        return timed
-
     t = _median_times(
         {
-            "float32": infer(lambda m=fp32: m._inference_forward(x, mask)),
-            "bf16": infer(lambda m=bf16: m._inference_forward(x, mask)),
-            "transformers": infer(lambda m=hf: m(pixel_values=x)),
+            "float32": _no_grad(lambda m=fp32: m._inference_forward(x, mask)),
+            "bf16": _no_grad(lambda m=bf16: m._inference_forward(x, mask)),
+            "transformers": _no_grad(lambda m=hf: m(pixel_values=x)),
         },
         runs,
     )
