@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 import torch
 
+from detrkit.models.base import cpu_bf16
 from detrkit.models.deformable_attention import _kernel, ms_deform_attn
 
 LEVELS = ((100, 152), (50, 76), (25, 38), (13, 19))  # 800×1216 at strides 8, 16, 32, 64
@@ -107,7 +108,7 @@ def main() -> None:
         )
         print(
             f"deform_attn {name} 800x1216 q={loc.shape[1]} float32 batch=1: fast {1e3 * s_fast:.1f} ms, "
-            f"reference {1e3 * s_ref:.1f} ms, ratio {s_fast / s_ref:.3f} (max |diff| {diff:.1e})",
+            f"reference {1e3 * s_ref:.1f} ms, ratio {s_fast / s_ref:.3f} (max |diff| {diff:.1e}) [{cpu_bf16()[1]}]",
             flush=True,
         )
 

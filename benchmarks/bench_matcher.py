@@ -21,6 +21,7 @@ from transformers.loss.loss_deformable_detr import DeformableDetrHungarianMatche
 from transformers.loss.loss_for_object_detection import HungarianMatcher as TransformersHungarianMatcher
 
 from detrkit.matcher import HungarianMatcher
+from detrkit.models.base import cpu_bf16
 
 NUM_CLASSES = 91  # COCO's max id + 1, as the official DETR heads
 
@@ -102,7 +103,7 @@ def main() -> None:
         name = f"matcher q={num_queries}{' focal' if focal else ''} batch={args.batch}"
         print(
             f"{name}: detrkit {1e3 * s_ours:.2f} ms, transformers {1e3 * s_theirs:.2f} ms, "
-            f"ratio {s_ours / s_theirs:.3f}"
+            f"ratio {s_ours / s_theirs:.3f} [{cpu_bf16()[1]}]"
         )
 
 

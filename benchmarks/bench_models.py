@@ -10,7 +10,8 @@ float32, ``torch.set_num_threads(--threads)``.
   float32, so the same outputs up to rounding).
 - training step: forward + loss (5 boxes per image) + backward + AdamW at batch 2, 512×512; ResNet stages 2–4
   trainable on both sides (the papers' recipe), every ViT weight for YOLOS.
-- ``--memory``: peak RSS of each contender alone, each in its own process (inference at 800×1216, training step).
+- ``--memory``: peak RSS of each contender alone, each in its own process (inference at 800×1216, training step);
+  with ``--bf16`` also detrkit's bfloat16 paths.
 - ``--bf16``: detrkit against itself, float32 and bfloat16 autocast (``optimize_for_inference(bf16=True)``, the
   path of ``predict|eval --bf16``; ``train.amp=bf16`` for the training step), with transformers' float32 timed in
   the same alternation, each line naming the CPU and whether it has native bf16 (without it bf16 is emulated and
@@ -129,7 +130,7 @@ def bench_inference(arch: str, runs: int) -> None:
         print(
             f"{arch} inference {h}x{w} batch=1: detrkit {t['detrkit'] * 1e3:.0f} ms, "
             f"transformers {t['transformers'] * 1e3:.0f} ms, ratio {t['detrkit'] / t['transformers']:.2f} "
-            f"(max |logit{' and mask' if arch in VARIANTS else ''} diff| {diff:.1e})",
+            f"(max |logit{' and mask' if arch in VARIANTS else ''} diff| {diff:.1e}) [{cpu_bf16()[1]}]",
             flush=True,
         )
 
@@ -251,7 +252,7 @@ def bench_training(arch: str, runs: int) -> None:
     t = _median_times({"detrkit": step_ours, "transformers": step_hf}, runs)
     print(
         f"{arch} train step 512x512 batch=2: detrkit {t['detrkit']:.2f} s, transformers {t['transformers']:.2f} s, "
-        f"ratio {t['detrkit'] / t['transformers']:.2f}",
+        f"ratio {t['detrkit'] / t['transformers']:.2f} [{cpu_bf16()[1]}]",
         flush=True,
     )
 
@@ -269,19 +270,28 @@ def _peak_rss_child(arch: str, contender: str, task: str, weights: str) -> None:
     """Run one contender twice and print its peak RSS in MiB as JSON. Only that contender's library is imported
     and only its model built (detrkit loads ``weights``, the folder the parent saved transformers' model to); the
     high-water mark is reset (``/proc/self/clear_refs``) before the two runs."""
+    library, _, precision = contender.partition("-")  # "detrkit-bf16": predict|eval --bf16, train.amp=bf16
     if task == "inference":
-        hf, ours = _models(arch, contender, weights)
-        model = {"transformers": hf, "detrkit": ours}[contender]
+        hf, ours = _models(arch, library, weights)
+        model = {"transformers": hf, "detrkit": ours}[library]
         del hf, ours
+        if precision == "bf16":
+            model.optimize_for_inference(bf16=True)
         x = torch.randn(1, 3, 800, 1216)
+        mask = torch.zeros(1, 800, 1216, dtype=torch.bool)
 
         def step() -> None:
             with torch.inference_mode():
-                model(pixel_values=x) if contender == "transformers" else model(x)
+                if library == "transformers":
+                    model(pixel_values=x)
+                elif precision == "bf16":
+                    model._inference_forward(x, mask)
+                else:
+                    model(x)
 
     else:
-        step_ours, step_hf = _training_setup(arch, keep=contender, weights=weights)
-        step = step_ours if contender == "detrkit" else step_hf
+        step_ours, step_hf = _training_setup(arch, keep=library, bf16=precision == "bf16", weights=weights)
+        step = step_ours if library == "detrkit" else step_hf
         del step_ours, step_hf
     gc.collect()
     with open("/proc/self/clear_refs", "w") as f:
@@ -291,19 +301,29 @@ def _peak_rss_child(arch: str, contender: str, task: str, weights: str) -> None:
     print(json.dumps({"peak_rss_mib": _peak_rss_mib()}))
 
 
-def bench_memory(arch: str, threads: int) -> None:
+def bench_memory(arch: str, threads: int, *, bf16: bool = False) -> None:
+    """Peak RSS of each contender in its own process; ``bf16`` adds detrkit under bfloat16 autocast (the
+    ``--bf16`` inference path and ``train.amp=bf16``) against transformers' float32."""
+    contenders = ("detrkit", "transformers", *(("detrkit-bf16",) if bf16 else ()))
     with tempfile.TemporaryDirectory() as weights:
         hf_model(arch).save_pretrained(weights)
         for task in ("inference", "train"):
             peaks = {}
-            for contender in ("detrkit", "transformers"):
+            for contender in contenders:
                 cmd = [sys.executable, __file__, "--child", arch, contender, task, weights, "--threads", str(threads)]
                 out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
                 peaks[contender] = json.loads(out.strip().splitlines()[-1])["peak_rss_mib"]
             what = "inference 800x1216 batch=1" if task == "inference" else "train step 512x512 batch=2"
             print(
                 f"{arch} peak RSS {what}: detrkit {peaks['detrkit']:.0f} MiB, "
-                f"transformers {peaks['transformers']:.0f} MiB, ratio {peaks['detrkit'] / peaks['transformers']:.2f}",
+                f"transformers {peaks['transformers']:.0f} MiB, ratio {peaks['detrkit'] / peaks['transformers']:.2f}"
+                + (
+                    f"; detrkit bf16 {peaks['detrkit-bf16']:.0f} MiB, ratio "
+                    f"{peaks['detrkit-bf16'] / peaks['transformers']:.2f}"
+                    if bf16
+                    else ""
+                )
+                + f" [{cpu_bf16()[1]}]",
                 flush=True,
             )
 
@@ -334,7 +354,7 @@ def main() -> None:
         if not args.skip_train:
             bench_training(arch, args.runs)
         if args.memory:
-            bench_memory(arch, args.threads)
+            bench_memory(arch, args.threads, bf16=args.bf16)
         if args.bf16:
             bench_bf16(arch, args.runs, train=not args.skip_train)
 

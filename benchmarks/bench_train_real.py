@@ -9,12 +9,10 @@ checkout HEAD -- .``):
 
     .venv/bin/python benchmarks/bench_train_real.py
 
-Estimated run time on the 2-core Zen 4: 45-60 min (6 runs of 2 warm-up + 16 timed steps at full size, each in its own
-process with 30-60 s of start-up; extrapolated from ``bench_models.py``'s quiet 512×512 training steps scaled to
-coco128's ~0.6 Mpx padded images: ~7 s a step for DETR on every side, ~21 s for detrkit's Deformable DETR, ~50 s
-for transformers' and the official one, whose deformable attention is ``grid_sample`` on a CPU). Not measured at
-full size: the smoke runs were on a machine at load 10-14. Smoke run: ``--steps 2 --warmup 1 --max-size 320``
-(all sizes scaled by 320/1333; 4-11 min at that load).
+Run time on the quiet 2-core Zen 4: 42 min (session 8; 6 runs of 2 warm-up + 16 timed steps at full size, each in
+its own process with 30-60 s of start-up; a step takes ~4-11 s for DETR on every side, ~10-32 s for detrkit's
+Deformable DETR, ~15-67 s for transformers' and the official one, whose deformable attention is ``grid_sample`` on
+a CPU). Smoke run: ``--steps 2 --warmup 1 --max-size 320`` (all sizes scaled by 320/1333).
 
 What each contender runs (each alone in its own process, one after the other, ``--repeats`` rounds alternated):
 

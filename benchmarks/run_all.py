@@ -20,13 +20,17 @@ QUICK_ARGS = {
 }
 
 
+# The full run adds the rows that are options of a script: bf16 where the CPU has it, and peak memory.
+FULL_ARGS = {"bench_models.py": ["--bf16", "--memory"]}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats")
     args = parser.parse_args()
     failed = []
     for script in sorted(Path(__file__).parent.glob("bench_*.py")):
-        extra = QUICK_ARGS.get(script.name, []) if args.quick else []
+        extra = QUICK_ARGS.get(script.name, []) if args.quick else FULL_ARGS.get(script.name, [])
         print(f"# {script.name}", flush=True)
         if subprocess.run([sys.executable, str(script), *extra]).returncode != 0:
             failed.append(script.name)

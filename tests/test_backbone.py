@@ -1,7 +1,8 @@
 """The backbone's three ways of computing convolution + BatchNorm (+ residual) (+ ReLU) agree.
 
 ``modules`` runs the torchvision modules one after the other (the reference); ``folded`` folds BatchNorm into the
-convolution (also while training); ``fused`` adds oneDNN's post-ops and a weight cache (CPU inference).
+convolution (also while training); ``fused`` adds oneDNN's post-ops, folding into a per-thread scratch buffer and
+accumulating residuals in place (CPU inference).
 """
 
 from __future__ import annotations
@@ -106,8 +107,8 @@ def test_folded_training_matches_modules(monkeypatch):
         assert (grads["folded"][name] - ref).abs().max() <= 1e-4 * max(1.0, ref.abs().max().item()), name
 
 
-def test_fused_cache_follows_weight_updates(monkeypatch):
-    """The cached folded weights are rebuilt after an optimizer step and after load_state_dict."""
+def test_fused_path_follows_weight_updates(monkeypatch):
+    """Inference after an optimizer step and after load_state_dict sees the new weights."""
     torch.manual_seed(0)
     backbone = ResNetBackbone("resnet18", norm="frozen", trainable_stages=5, return_levels=(4,))
     _randomise_norms_(backbone)
@@ -130,3 +131,85 @@ def test_fused_cache_follows_weight_updates(monkeypatch):
     _randomise_norms_(other, seed=3)
     backbone.load_state_dict(other.state_dict())
     check()
+
+
+def test_inference_keeps_no_copy_of_the_weights(monkeypatch):
+    """Folding writes into one scratch buffer per thread, sized to the largest convolution: nothing else is kept,
+    and the buffer works under no_grad and inference_mode alike (an inference tensor could not be written under
+    no_grad)."""
+    import detrkit.backbone as backbone_module
+
+    monkeypatch.setattr(backbone_module, "_SCRATCH", backbone_module.threading.local())
+    torch.manual_seed(0)
+    backbone = ResNetBackbone("resnet18", norm="frozen", return_levels=(4,)).eval()
+    _randomise_norms_(backbone)
+    x, mask = _batch()
+    before = set(backbone.__dict__)
+    with torch.inference_mode():
+        first = backbone(x, mask)[0][0]
+    with torch.no_grad():
+        second = backbone(x, mask)[0][0]
+    assert torch.equal(first, second)
+    assert set(backbone.__dict__) == before  # no cache attached to the module
+    buffers = backbone_module._SCRATCH.buffers
+    largest = max(m.weight.numel() for m in backbone.modules() if isinstance(m, torch.nn.Conv2d))
+    assert list(buffers) == [torch.float32] and buffers[torch.float32].numel() == largest
+
+
+def test_concurrent_inference_threads_do_not_share_folded_weights(monkeypatch):
+    """Two threads running one model at once get what each gets alone (each thread folds into its own buffer)."""
+    import threading
+
+    torch.manual_seed(0)
+    backbone = ResNetBackbone("resnet18", norm="frozen", return_levels=(3, 4)).eval()
+    _randomise_norms_(backbone)
+    g = torch.Generator().manual_seed(5)
+    inputs = [torch.randn(1, 3, 96, 128, generator=g) for _ in range(2)]
+    with torch.inference_mode():
+        alone = [[f for f, _ in backbone(x)] for x in inputs]
+    results: dict[int, list] = {}
+
+    def run(i: int) -> None:
+        with torch.inference_mode():
+            for _ in range(5):
+                results.setdefault(i, []).append([f for f, _ in backbone(inputs[i])])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(2):
+        for outs in results[i]:
+            for ref, out in zip(alone[i], outs, strict=True):
+                assert torch.equal(ref, out)
+
+
+def test_frozen_stages_train_with_gradients_to_their_inputs(monkeypatch):
+    """A frozen convolution whose input needs a gradient: its folded weight must outlive the forward (the backward
+    reads it), so under autograd it is not written to the scratch buffer."""
+    torch.manual_seed(0)
+    backbone = ResNetBackbone("resnet18", norm="frozen", trainable_stages=0, return_levels=(4,)).train()
+    _randomise_norms_(backbone)
+    x, mask = _batch()
+    grads = {}
+    for mode in ("modules", "folded"):
+        xi = x.clone().requires_grad_(True)
+        _forward(backbone, mode, xi, mask, monkeypatch)[0].square().mean().backward()
+        grads[mode] = xi.grad
+    assert (grads["folded"] - grads["modules"]).abs().max() <= 1e-4 * grads["modules"].abs().max()
+
+
+def test_in_place_residuals_leave_returned_levels_intact():
+    """The fused path accumulates each block's residual in place; the earlier levels it returns are not touched
+    by the later blocks (each level's output equals the one computed with that level last)."""
+    torch.manual_seed(0)
+    full = ResNetBackbone("resnet50", norm="frozen", return_levels=(1, 2, 3, 4)).eval()
+    _randomise_norms_(full)
+    x, mask = _batch()
+    with torch.inference_mode():
+        levels = [f.clone() for f, _ in full(x, mask)]
+        for i, level in enumerate((1, 2, 3)):
+            alone = ResNetBackbone("resnet50", norm="frozen", return_levels=(level,)).eval()
+            alone.load_state_dict(full.state_dict(), strict=False)  # the stages above `level` are not built
+            assert torch.equal(alone(x, mask)[0][0], levels[i]), level
