@@ -303,12 +303,6 @@ class ResNetBackbone(nn.Module):
         return mask(out, stride_in * block.conv1.stride[0])
 
 
-def _bn_tensors(bn: nn.Module) -> list[Tensor]:
-    if isinstance(bn, nn.Identity):
-        return []
-    return [bn.weight, bn.bias, bn.running_mean, bn.running_var]
-
-
 def _fold(conv: nn.Conv2d, bn: nn.Module, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(weight, bias) of the convolution equal to ``bn(conv(x))``, with ``bn`` applying its running statistics
     (FrozenBatchNorm2d, or BatchNorm2d in eval mode; an Identity when already folded). Differentiable unless
